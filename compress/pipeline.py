@@ -1,0 +1,241 @@
+"""One run, data flowing one way:
+load -> torch stages -> export (+ parity) -> ONNX stages -> parity -> evaluate -> measure -> report.
+
+Everything is written into a temporary sibling of the output folder and renamed into place at the end,
+so a failed run leaves nothing half-written and an existing result is only replaced with ``force``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from compress.data import calibration_and_heldout, read_texts, shipped_sentences
+from compress.errors import CompressError
+from compress.evaluate import EvalSpec, evaluate, parse_eval
+from compress.models import LoadedModel, load_model
+from compress.recipe import Recipe, StageSpec, load_recipe
+from compress.stages import OnnxContext
+from profiles import DeviceProfile, ProfileError, load_profile
+from runtimes.profiler import ProfileConfig
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    target: str = "cpu"
+    recipe: str = "cpu-default"
+    out: Path | None = None
+    evals: tuple[str, ...] = ("fidelity",)
+    task: str | None = None
+    data: Path | None = None
+    force: bool = False
+    latency: ProfileConfig = field(default_factory=ProfileConfig)
+
+
+def default_out(cfg: RunConfig) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.model).name or cfg.model).strip("-")
+    return Path("runs") / f"{slug}-{Path(cfg.recipe).stem}-{Path(cfg.target).stem}"
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CompressError(f"output {out} already exists and is not empty: pass --force to replace it or choose --out")
+
+
+def resolve_target(name: str) -> DeviceProfile:
+    try:
+        profile = load_profile(name)
+    except ProfileError as e:
+        raise CompressError(str(e)) from None
+    if profile.kind != "cpu" or profile.latency_source != "measured":
+        raise CompressError(f"target '{profile.name}' needs {profile.runtime} / {profile.execution_provider}, "
+                            "which this build does not drive yet: use --target cpu")
+    return profile
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: int = 128) -> tuple[dict, ...]:
+    """Calibration feeds padded to one fixed length: ORT's entropy/percentile calibrators stack all batches."""
+    seq = min(seq, lm.max_length)
+    return tuple(dict(lm.tokenizer(texts[i:i + batch], padding="max_length", truncation=True, max_length=seq,
+                                   return_tensors="np")) for i in range(0, len(texts), batch))
+
+
+def onnx_context(lm: LoadedModel, calibration: list[str]) -> OnnxContext:
+    from runtimes.host import host_info
+
+    c = lm.config
+    return OnnxContext(calibration=tokenized_batches(lm, calibration), host=host_info(),
+                       model_type=getattr(c, "model_type", ""), num_heads=int(getattr(c, "num_attention_heads", 0)),
+                       hidden_size=int(getattr(c, "hidden_size", 0)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything validated before any heavy work starts."""
+
+    recipe: Recipe
+    profile: DeviceProfile
+    out: Path
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    recipe = load_recipe(cfg.recipe)
+    profile = resolve_target(cfg.target)
+    out = cfg.out or default_out(cfg)
+    check_out_dir(out, cfg.force)
+    if cfg.data is not None:
+        read_texts(cfg.data)
+    return Prepared(recipe, profile, out)
+
+
+def run(cfg: RunConfig, progress: Progress = lambda msg: None,
+        on_latency: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
+    """Run a recipe end to end; returns (output folder, report dict)."""
+    prep = prepare(cfg)
+    t_start = time.perf_counter()
+    progress(f"loading {cfg.model}")
+    lm = load_model(cfg.model, cfg.task)
+    evals = [parse_eval(e, lm.task) for e in cfg.evals]
+
+    texts = shipped_sentences()
+    calibration, heldout = calibration_and_heldout(texts)
+    if cfg.data is not None:
+        calibration = read_texts(cfg.data)
+
+    prep.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
+            report = _run_in(cfg, prep, lm, evals, calibration, heldout, staging, Path(work_dir), progress, on_latency)
+        report["seconds_total"] = round(time.perf_counter() - t_start, 1)
+        from compress.report import write_report
+
+        write_report(report, staging)
+        _commit(staging, prep.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return prep.out, report
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old one (allowed by --force) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def apply_onnx_stages(stages: list[StageSpec], src: Path, work: Path, ctx: OnnxContext | None,
+                      progress: Progress = lambda msg: None) -> tuple[Path, list[dict]]:
+    """Apply ONNX-level stages in order, each writing a new file in ``work``; returns the last file and reports."""
+    current, reports = src, []
+    for i, spec in enumerate(stages):
+        progress(f"stage {i + 1}/{len(stages)}: {spec.name}")
+        dst = work / f"stage{i + 1}-{spec.name}.onnx"
+        t0 = time.perf_counter()
+        try:
+            metrics = spec.type.apply(spec.config, current, dst, ctx)
+        except ValueError as e:
+            raise CompressError(f"stage {spec.name} failed: {str(e).splitlines()[0]}") from None
+        reports.append({"name": spec.name, "level": "onnx", "params": spec.params(), "metrics": metrics,
+                        "seconds": round(time.perf_counter() - t0, 2)})
+        current = dst
+    return current, reports
+
+
+def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpec], calibration: list[str],
+            heldout: list[str], staging: Path, work: Path, progress: Progress, on_latency) -> dict:
+    from export.onnx_export import MODEL_FILE, copy_app_files, export_onnx
+    from export.verify import FLOAT_COSINE_MIN, verify_against_torch
+    from compress.models import torch_outputs
+    from compress.report import build_report
+    from runtimes.encode import ort_outputs
+    from runtimes.ort import cpu_session
+    from runtimes.profiler import op_breakdown, measure_latency
+
+    recipe = prep.recipe
+    torch_stages = [s for s in recipe.stages if s.type.level == "torch"]
+    onnx_stages = [s for s in recipe.stages if s.type.level == "onnx"]
+    stage_reports = []
+
+    progress("exporting the original model to ONNX (optimum)")
+    reference = torch_outputs(lm, heldout)
+    baseline_dir = work / "original"
+    baseline = export_onnx(lm, baseline_dir)
+    parity_original = verify_against_torch(lm, baseline, heldout, FLOAT_COSINE_MIN, reference=reference)
+    if not parity_original.passed:
+        raise CompressError(f"the float ONNX export diverges from torch (min cosine {parity_original.cosine_min:.5f} "
+                            f"< {FLOAT_COSINE_MIN}): report this model as an export bug; nothing was written")
+
+    for spec in torch_stages:     # none shipped yet: pruning stages plug in here
+        progress(f"stage {spec.name}")
+        t0 = time.perf_counter()
+        lm, metrics = spec.type.apply(spec.config, lm, None)
+        stage_reports.append({"name": spec.name, "level": "torch", "params": spec.params(), "metrics": metrics,
+                              "seconds": round(time.perf_counter() - t0, 2)})
+    current, float_dir = baseline, baseline_dir
+    parity_float = parity_original
+    if torch_stages:
+        progress("exporting the compressed model to ONNX")
+        float_dir = work / "compressed-float"
+        current = export_onnx(lm, float_dir)
+        parity_float = verify_against_torch(lm, current, heldout, FLOAT_COSINE_MIN)
+        if not parity_float.passed:
+            raise CompressError(f"the float export of the compressed model diverges from its torch model "
+                                f"(min cosine {parity_float.cosine_min:.5f}): report this as an export bug")
+
+    ctx = onnx_context(lm, calibration) if onnx_stages else None
+    current, reports = apply_onnx_stages(onnx_stages, current, work, ctx, progress)
+    stage_reports += reports
+
+    progress("writing the artefact and checking it against torch")
+    artifact = staging / MODEL_FILE
+    shutil.copy2(current, artifact)
+    copy_app_files(float_dir, staging)
+    parity_final = verify_against_torch(lm, artifact, heldout, None if onnx_stages else FLOAT_COSINE_MIN,
+                                        reference=reference if not torch_stages else None)
+
+    sess_orig, sess_comp = cpu_session(baseline, 0), cpu_session(artifact, 0)
+    encode_orig = lambda t: ort_outputs(sess_orig, lm.tokenizer, t, lm.task, lm.max_length)
+    encode_comp = lambda t: ort_outputs(sess_comp, lm.tokenizer, t, lm.task, lm.max_length)
+    results = []
+    for spec in evals:
+        progress(f"evaluating {spec}")
+        results.append(evaluate(spec, encode_orig, encode_comp, heldout))
+    del sess_orig, sess_comp
+
+    shapes = ", ".join(str(s) for s in cfg.latency.shapes)
+    progress(f"measuring latency on the CPU ({shapes}; {cfg.latency.runs} runs each, original and compressed interleaved)")
+    lat = measure_latency({"original": baseline, "compressed": artifact}, cfg.latency, on_progress=on_latency)
+    first = cfg.latency.shapes[0]
+    progress(f"op breakdown at {first} (ORT profiler)")
+    ops = {"shape": str(first),
+           "original": op_breakdown(baseline, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops),
+           "compressed": op_breakdown(artifact, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops)}
+
+    return build_report(cfg=cfg, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
+                        artifact=artifact, baseline=baseline, parity={"original_export": parity_original.as_dict(),
+                                                                      "compressed_float_export": parity_float.as_dict(),
+                                                                      "artifact": parity_final.as_dict()},
+                        evals=results, latency=lat, ops=ops)

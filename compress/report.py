@@ -1,0 +1,153 @@
+"""The run report: report.json (everything), report.md (tables a person reads), plot.png."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from compress.stages.base import file_bytes
+
+PACKAGES = ("edge-compress", "torch", "onnx", "onnxruntime", "optimum", "optimum-onnx", "transformers",
+            "sentence-transformers", "neural-compressor-pt", "numpy")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _lat_dicts(rows) -> list[dict]:
+    return [dataclasses.asdict(r) for r in rows]
+
+
+def findings(report: dict) -> list[str]:
+    """Plain sentences a user can act on, derived from the measured numbers only."""
+    out = []
+    for comp, base in zip(report["latency"], report["baseline_latency"]):
+        ratio = comp["p50_ms"] / base["p50_ms"]
+        verdict = "faster" if ratio < 0.95 else "slower" if ratio > 1.05 else "no faster"
+        out.append(f"At batch {comp['batch']} x seq {comp['seq']} the compressed model's p50 is {ratio:.2f}x the "
+                   f"original's ({comp['p50_ms']:.1f} vs {base['p50_ms']:.1f} ms, measured interleaved): {verdict}.")
+    a, b = report["artifact"]["bytes"], report["baseline_artifact"]["bytes"]
+    out.append(f"Size: {a / 1e6:.1f} MB vs {b / 1e6:.1f} MB fp32 ({a / b:.2f}x).")
+    for e in report["eval"]:
+        if e["name"] == "fidelity":
+            out.append(f"Fidelity: mean cosine {e['compressed']:.4f} (min {e['min']:.4f}) to the original's outputs on held-out text.")
+        else:
+            out.append(f"{e['name']}: {e['compressed']:.2f} vs {e['original']:.2f} original ({e['delta']:+.2f}).")
+    host = report["host"]
+    quantized = any(s["name"].startswith("quant.") for s in report["stages"])
+    if quantized and not host["has_vnni"]:
+        out.append("This CPU has no VNNI/AMX: int8 runs on AVX2 (vpmaddubsw) and gains less than on VNNI or AMX CPUs; "
+                   "re-measure on the deployment CPU.")
+    return out
+
+
+def build_report(*, cfg, lm, recipe, profile, stages, artifact: Path, baseline: Path, parity, evals, latency, ops) -> dict:
+    from runtimes.host import host_info
+
+    report = {
+        "model": {"name": lm.name, "path": str(lm.path), "architecture": getattr(lm.config, "model_type", "")},
+        "task": lm.task,
+        "target": {"name": profile.name, "kind": profile.kind, "runtime": profile.runtime,
+                   "execution_provider": profile.execution_provider, "profile": profile.source_file},
+        "recipe": recipe.as_dict(),
+        "stages": stages,
+        "artifact": {"path": str(artifact.name), "bytes": file_bytes(artifact), "sha256": _sha256(artifact)},
+        "baseline_artifact": {"bytes": file_bytes(baseline), "note": "fp32 export of the original model (not kept)"},
+        "parity": parity,
+        "eval": evals,
+        "latency": _lat_dicts(latency["compressed"]),
+        "baseline_latency": _lat_dicts(latency["original"]),
+        "ops": ops,
+        "host": host_info().as_dict(),
+        "versions": versions(),
+    }
+    report["findings"] = findings(report)
+    return report
+
+
+def _sha256(path: Path) -> str:
+    from compress.pipeline import sha256
+
+    return sha256(path)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Compression report: {report['model']['name']} -> {report['target']['name']}", "",
+             f"Recipe `{report['recipe']['name']}` ({report['recipe']['description']}); task {report['task']}; "
+             f"host {report['host']['cpu_model']}.", "", "## Findings", ""]
+    lines += [f"- {f}" for f in report["findings"]]
+    lines += ["", "## Latency (source: measured, ONNX Runtime CPU EP, original and compressed interleaved)", "",
+              "| shape | original p50 ms | compressed p50 ms | ratio | compressed p90 ms | p99 ms | seq/s | runs | threads |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c, b in zip(report["latency"], report["baseline_latency"]):
+        lines.append(f"| {c['batch']}x{c['seq']} | {b['p50_ms']:.2f} | {c['p50_ms']:.2f} | {c['p50_ms'] / b['p50_ms']:.2f} | "
+                     f"{c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['throughput_per_s']:.1f} | {c['runs']} | {c['threads']} |")
+    lines += ["", "## Accuracy", "", "| eval | metric | original | compressed |", "|---|---|---|---|"]
+    for e in report["eval"]:
+        lines.append(f"| {e['name']} | {e['metric']} | {e['original']} | {e['compressed']} |")
+    lines += ["", "## Parity against torch", "", "| check | min cosine | mean cosine | max abs diff | gate |", "|---|---|---|---|---|"]
+    for name, p in report["parity"].items():
+        gate = "recorded" if p["threshold"] is None else f"{'pass' if p['passed'] else 'FAIL'} (>= {p['threshold']})"
+        lines.append(f"| {name} | {p['cosine_min']:.6f} | {p['cosine_mean']:.6f} | {p['max_abs_diff']:.3g} | {gate} |")
+    lines += ["", "## Stages", "", "| stage | seconds | metrics |", "|---|---|---|"]
+    for s in report["stages"]:
+        lines.append(f"| {s['name']} | {s['seconds']} | `{json.dumps(s['metrics'])}` |")
+    if not report["stages"]:
+        lines.append("| (none) | | |")
+    ops = report["ops"]
+    lines += ["", f"## Top ops at {ops['shape']} (ORT profiler, ms per run)", "", "| model | op | ms | share |", "|---|---|---|---|"]
+    for which in ("original", "compressed"):
+        for o in ops[which]:
+            lines.append(f"| {which} | {o['op_type']} | {o['ms_per_run']:.2f} | {o['share'] * 100:.1f}% |")
+    a = report["artifact"]
+    lines += ["", "## Artefact", "", f"`{a['path']}`: {a['bytes']:,} bytes, sha256 `{a['sha256']}` "
+              f"(fp32 original: {report['baseline_artifact']['bytes']:,} bytes).", "",
+              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Accuracy vs p50 latency at the first shape; marker area proportional to the model size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = next((e for e in report["eval"] if e["name"] != "fidelity"), report["eval"][0] if report["eval"] else None)
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    points = [("original fp32", report["baseline_latency"][0]["p50_ms"], ev["original"] if ev else 0,
+               report["baseline_artifact"]["bytes"], "tab:gray"),
+              (f"compressed ({report['recipe']['name']})", report["latency"][0]["p50_ms"], ev["compressed"] if ev else 0,
+               report["artifact"]["bytes"], "tab:blue")]
+    biggest = max(p[3] for p in points)
+    for label, x, y, size, color in points:
+        ax.scatter([x], [y], s=900 * size / biggest, color=color, alpha=0.6, edgecolors="black")
+        ax.annotate(f"{label}\n{size / 1e6:.1f} MB", (x, y), textcoords="offset points", xytext=(10, 10), fontsize=8)
+    shape = report["latency"][0]
+    ax.set_xlabel(f"p50 latency, batch {shape['batch']} x seq {shape['seq']} (ms, measured, ORT CPU)")
+    ax.set_ylabel(ev["metric"] if ev else "metric")
+    ax.set_title(f"{report['model']['name']} on {report['target']['name']}: accuracy vs latency", fontsize=10)
+    xs = [p[1] for p in points]
+    ax.set_xlim(0, max(xs) * 1.35)
+    ys = [p[2] for p in points]
+    pad = max(abs(ys[0] - ys[1]), abs(ys[0]) * 0.01, 1e-3)
+    ax.set_ylim(min(ys) - 2 * pad, max(ys) + 2 * pad)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    plot(report, folder / "plot.png")

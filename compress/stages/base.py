@@ -1,0 +1,47 @@
+"""What every stage is: a frozen typed config, an apply function, and the level it works on.
+
+- ``onnx`` stages transform an ONNX file: ``apply(cfg, src, dst, ctx) -> metrics``.
+- ``torch`` stages transform the loaded torch model before export: ``apply(cfg, model, ctx) -> (model, metrics)``.
+Stages never print; they return metrics (plain JSON-able dicts) that land in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from runtimes.host import HostInfo
+
+Level = Literal["torch", "onnx"]
+
+
+@dataclass(frozen=True)
+class OnnxContext:
+    """Read-only inputs an ONNX stage may use."""
+
+    calibration: tuple[dict[str, np.ndarray], ...]   # tokenized batches: input_ids/attention_mask (B, T) int64
+    host: HostInfo
+    model_type: str                                   # transformers config.model_type, e.g. "bert"
+    num_heads: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class StageType:
+    name: str
+    level: Level
+    config: type
+    apply: Callable[..., Any]
+    summary: str
+
+
+class StageError(ValueError):
+    """A stage parameter that cannot work; the message names the fix."""
+
+
+def file_bytes(path: Path) -> int:
+    """Size of an ONNX model including any external-data files next to it."""
+    extra = sum(p.stat().st_size for p in path.parent.glob(path.name + "*.data"))
+    return path.stat().st_size + extra

@@ -1,0 +1,148 @@
+"""ONNX Runtime int8 quantization stages: ``quant.dynamic`` and ``quant.static`` (QDQ, calibrated on text).
+
+Stand beside ``onnxruntime.quantization.quantize_dynamic`` / ``quantize_static`` /
+``shape_inference.quant_pre_process``; this file chooses their arguments for the target and host and
+counts what was quantized.
+"""
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import onnx
+
+from compress.stages.base import OnnxContext, StageError, file_bytes
+
+QTYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def _reduce_range(setting: str, ctx: OnnxContext) -> bool:
+    # ORT's docs suggest 7-bit weights on hosts without VNNI (u8s8 vpmaddubsw can saturate): "auto" does that.
+    # The default is "false": on MiniLM (AVX2, no VNNI) reduce_range cut fidelity from 0.964 to 0.880 per-tensor
+    # and 0.992 -> 0.992 per-channel, so it bought nothing here (benchmarks/cpu_recipes.py).
+    return (not ctx.host.has_vnni) if setting == "auto" else setting == "true"
+
+
+def _check_choice(stage: str, key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise StageError(f"{stage}: {key}='{value}' is not one of {', '.join(choices)}")
+
+
+def _quantized_counts(path: Path) -> dict:
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    keep = ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QAttention",
+            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul")
+    return {op: n for op, n in ops.items() if op in keep}
+
+
+@dataclass(frozen=True)
+class DynamicQuant:
+    weight_type: str = "int8"       # int8 | uint8
+    per_channel: bool = True        # per-tensor: fidelity 0.964 vs 0.992 per-channel on MiniLM
+    reduce_range: str = "false"     # auto (on when the host lacks VNNI) | true | false
+    op_types: tuple[str, ...] = ()  # empty: every op type ORT can quantize dynamically (MatMul, Attention, Gather, ...)
+
+    def __post_init__(self) -> None:
+        _check_choice("quant.dynamic", "weight_type", self.weight_type, QTYPES)
+        _check_choice("quant.dynamic", "reduce_range", self.reduce_range, ("auto", "true", "false"))
+
+
+def apply_dynamic(cfg: DynamicQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    before = file_bytes(src)
+    rr = _reduce_range(cfg.reduce_range, ctx)
+    quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
+                     per_channel=cfg.per_channel, reduce_range=rr, op_types_to_quantize=list(cfg.op_types) or None,
+                     # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer fails
+                     # with "Unable to find data type for weight_name".
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return {"bytes_before": before, "bytes": file_bytes(dst), "reduce_range": rr, "quantized": _quantized_counts(dst)}
+
+
+@dataclass(frozen=True)
+class StaticQuant:
+    per_channel: bool = True
+    activation_type: str = "uint8"      # uint8 | int8
+    weight_type: str = "int8"
+    calibration_method: str = "minmax"  # minmax | entropy | percentile
+    samples: int = 64                   # calibration sentences
+    reduce_range: str = "false"
+    op_types: tuple[str, ...] = ("MatMul", "Gather")   # quantizing Add/Mul/Softmax too costs accuracy for little speed
+    exclude: tuple[str, ...] = ()       # fnmatch patterns of node names kept in float
+
+    def __post_init__(self) -> None:
+        _check_choice("quant.static", "activation_type", self.activation_type, QTYPES)
+        _check_choice("quant.static", "weight_type", self.weight_type, QTYPES)
+        _check_choice("quant.static", "calibration_method", self.calibration_method, CALIBRATION)
+        _check_choice("quant.static", "reduce_range", self.reduce_range, ("auto", "true", "false"))
+        if self.samples < 1:
+            raise StageError(f"quant.static: samples={self.samples} must be >= 1")
+
+
+def _weight_nodes(path: Path, op_types: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[str] | None:
+    """Names of the nodes to quantize: MatMuls whose B is a weight, plus the other listed op types,
+    minus the nodes matching an ``exclude`` pattern.
+
+    ORT's QDQ MatMul ignores the ``MatMulConstBOnly`` option, so the activation x activation attention
+    MatMuls (QK^T, PV) would be quantized too; on MiniLM that cut fidelity to 0.93 (0.993 without them).
+    """
+    if not op_types:
+        return None
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type in op_types and (n.op_type != "MatMul" or n.input[1] in consts)
+            and not any(fnmatch.fnmatchcase(n.name, pat) for pat in exclude)]
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over pre-tokenized feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not ctx.calibration:
+        raise StageError("quant.static needs calibration text: pass --data FILE or keep the shipped sentences")
+    graph_inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    feeds, n = [], 0
+    for batch in ctx.calibration:
+        if n >= cfg.samples:
+            break
+        take = min(len(batch["input_ids"]), cfg.samples - n)
+        feeds.append({k: v[:take] for k, v in batch.items() if k in graph_inputs})
+        n += take
+    pre = dst.with_name(dst.stem + ".pre.onnx")
+    t0 = time.perf_counter()
+    try:
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+    except Exception:        # symbolic shape inference fails on some fused graphs; plain ONNX shape inference then
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    rr = _reduce_range(cfg.reduce_range, ctx)
+    nodes = _weight_nodes(pre, cfg.op_types, cfg.exclude)
+    try:
+        quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                        reduce_range=rr, activation_type=getattr(QuantType, QTYPES[cfg.activation_type]),
+                        weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATION[cfg.calibration_method]),
+                        op_types_to_quantize=list(cfg.op_types) or None, nodes_to_quantize=nodes,
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        pre.unlink(missing_ok=True)
+        for leftover in dst.parent.glob("augmented_model*.onnx"):
+            leftover.unlink()
+    return {"bytes_before": file_bytes(src), "bytes": file_bytes(dst), "calibration_samples": n,
+            "calibration_seconds": round(time.perf_counter() - t0, 2), "reduce_range": rr,
+            "quantized": _quantized_counts(dst)}

@@ -1,0 +1,1 @@
+"""Runtime back-ends and the latency profiler. Nothing here imports torch."""

@@ -1,0 +1,30 @@
+"""Run an exported model on text in ONNX Runtime and return the task's output (no torch here)."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from runtimes.ort import select_feeds
+
+
+def task_output(outputs: dict[str, np.ndarray], attention_mask: np.ndarray, task: str) -> np.ndarray:
+    """The one array a task is judged by: sentence embedding, logits, or mean-pooled hidden states."""
+    if task == "sentence-embedding" and "sentence_embedding" in outputs:
+        return outputs["sentence_embedding"]
+    if task == "text-classification":
+        return outputs["logits"]
+    hidden = outputs.get("last_hidden_state", next(iter(outputs.values())))   # (B, T, H)
+    m = attention_mask[..., None].astype(hidden.dtype)
+    return (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+
+
+def ort_outputs(session: ort.InferenceSession, tokenizer, texts: list[str], task: str,
+                max_length: int = 128, batch_size: int = 32) -> np.ndarray:
+    names = [o.name for o in session.get_outputs()]
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feeds = select_feeds(session, enc)
+        res = dict(zip(names, session.run(None, feeds)))
+        out.append(task_output(res, feeds["attention_mask"], task))
+    return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,96 @@
+"""The command line on bad input: one line, non-zero exit, nothing written; and the listing commands."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import main
+
+FAST = ["--runs", "3", "--shapes", "1x16"]
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _one_line_error(res, *needles):
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, res.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "./no-such-model"], ["not found", "minilm"]),
+    (["run", "minilm", "--recipe", "nope"], ["unknown recipe", "cpu-default"]),
+    (["run", "minilm", "--target", "tpu"], ["unknown target", "cpu"]),
+    (["run", "minilm", "--eval", "bleu"], ["unknown eval"]),
+    (["run", "minilm", "--eval", "stsb:/no/such.csv"], ["not found"]),
+    (["run", "minilm", "--data", "/no/such.txt"], ["not found", "--data"]),
+])
+def test_bad_input_one_line_nothing_written(tmp_path, args, needles):
+    out = tmp_path / "out"
+    res = _run(args + ["--out", str(out)] + FAST)
+    _one_line_error(res, *needles)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_model_folder(tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    res = _run(["run", str(bad), "--out", str(tmp_path / "out")] + FAST)
+    _one_line_error(res, "not valid JSON")
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    res = _run(["run", str(bad), "--out", str(tmp_path / "out")] + FAST)
+    _one_line_error(res, "could not load the model")
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_existing_output_is_not_overwritten_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = _run(["run", "minilm", "--out", str(out)] + FAST)
+    _one_line_error(res, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_bad_latency_options_are_refused():
+    res = CliRunner().invoke(main, ["run", "minilm", "--shapes", "1x"])
+    assert res.exit_code != 0 and "BATCHxSEQ" in res.output
+    res = CliRunner().invoke(main, ["run", "minilm", "--runs", "0"])
+    assert res.exit_code != 0
+
+
+def test_recipes_lists_recipes_and_stage_parameters():
+    res = _run(["recipes"])
+    assert res.exit_code == 0
+    for word in ("cpu-default", "static-int8", "quant.static", "calibration_method", "graph.optimize"):
+        assert word in res.output
+
+
+def test_profile_bad_artifact(tmp_path):
+    res = _run(["profile", str(tmp_path / "missing")])
+    _one_line_error(res, "not found")
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    res = _run(["profile", str(tmp_path / "x.onnx")])
+    _one_line_error(res, "not a valid ONNX model")
+
+
+def test_profile_an_exported_tiny_model(tiny_dirs, tmp_path):
+    from compress.models import load_model
+    from export.onnx_export import export_onnx
+
+    export_onnx(load_model(str(tiny_dirs["st"])), tmp_path / "art")
+    res = _run(["profile", str(tmp_path / "art"), "--baseline", str(tmp_path / "art" / "model.onnx"),
+                "--runs", "5", "--shapes", "1x16,2x32", "--json", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "measured" in res.output and "top ops" in res.output
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert set(data["latency"]) == {"artifact", "baseline"}
+    assert [(r["batch"], r["seq"]) for r in data["latency"]["artifact"]] == [(1, 16), (2, 32)]

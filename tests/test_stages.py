@@ -1,0 +1,54 @@
+"""ONNX stages on a tiny exported BERT: the graph really changes and the outputs stay close."""
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+
+from compress.data import calibration_and_heldout, shipped_sentences
+from compress.models import load_model
+from compress.pipeline import apply_onnx_stages, onnx_context
+from compress.recipe import load_recipe
+from export.onnx_export import export_onnx
+from export.verify import compare
+from runtimes.encode import ort_outputs
+from runtimes.ort import cpu_session
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dirs, tmp_path_factory):
+    lm = load_model(str(tiny_dirs["st"]))
+    path = export_onnx(lm, tmp_path_factory.mktemp("exp") / "art")
+    cal, held = calibration_and_heldout(shipped_sentences())
+    return lm, path, onnx_context(lm, cal[:24]), held[:40]
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.mark.parametrize("recipe, expect_ops, min_cos", [
+    ("dynamic-int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.97),
+    ("static-int8", {"QuantizeLinear", "DequantizeLinear"}, 0.95),
+    ("fused", {"Attention"}, 0.9999),
+    ("fused-dynamic-int8", {"QAttention"}, 0.97),
+])
+def test_recipe_changes_graph_and_keeps_outputs(exported, tmp_path, recipe, expect_ops, min_cos):
+    lm, path, ctx, held = exported
+    out, reports = apply_onnx_stages(list(load_recipe(recipe).stages), path, tmp_path, ctx)
+    assert expect_ops <= set(_ops(out)), _ops(out)
+    assert [r["name"] for r in reports] == [s.name for s in load_recipe(recipe).stages]
+    ref = ort_outputs(cpu_session(path, 1), lm.tokenizer, held, lm.task)
+    got = ort_outputs(cpu_session(out, 1), lm.tokenizer, held, lm.task)
+    assert compare(ref, got, min_cos).passed
+    if recipe != "fused":
+        assert reports[-1]["metrics"]["bytes"] < reports[-1]["metrics"]["bytes_before"]
+
+
+def test_static_quant_uses_the_calibration_count(exported, tmp_path):
+    from compress.stages.quant import StaticQuant, apply_static
+
+    lm, path, ctx, _ = exported
+    m = apply_static(StaticQuant(samples=5), path, tmp_path / "q.onnx", ctx)
+    assert m["calibration_samples"] == 5
+    assert not list(tmp_path.glob("*.pre.onnx")) and not list(tmp_path.glob("augmented_model*"))
