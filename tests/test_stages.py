@@ -33,9 +33,15 @@ def _ops(path: Path) -> Counter:
     ("fused", {"Attention"}, 0.9999),
     ("fused-dynamic-int8", {"QAttention"}, 0.97),
 ])
-def test_recipe_changes_graph_and_keeps_outputs(exported, tmp_path, recipe, expect_ops, min_cos):
+def test_recipe_changes_graph_and_keeps_outputs(exported, tmp_path, monkeypatch, recipe, expect_ops, min_cos):
     lm, path, ctx, held = exported
-    out, reports = apply_onnx_stages(list(load_recipe(recipe).stages), path, tmp_path, ctx)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    work = tmp_path / "work"
+    work.mkdir()
+    out, reports = apply_onnx_stages(list(load_recipe(recipe).stages), path, work, ctx)
+    assert list(cwd.iterdir()) == []            # ORT's shape-inference droppings stay out of the user's folder
     assert expect_ops <= set(_ops(out)), _ops(out)
     assert [r["name"] for r in reports] == [s.name for s in load_recipe(recipe).stages]
     ref = ort_outputs(cpu_session(path, 1), lm.tokenizer, held, lm.task)

@@ -6,6 +6,9 @@ Stages never print; they return metrics (plain JSON-able dicts) that land in the
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -45,3 +48,19 @@ def file_bytes(path: Path) -> int:
     """Size of an ONNX model including any external-data files next to it."""
     extra = sum(p.stat().st_size for p in path.parent.glob(path.name + "*.data"))
     return path.stat().st_size + extra
+
+
+@contextlib.contextmanager
+def scratch_cwd():
+    """Run a library call inside a throw-away working directory.
+
+    ORT's symbolic shape inference, when it gives up, saves ``sym_shape_infer_temp.onnx`` plus a 90 MB
+    external-data file into the *current* directory and never removes them; this keeps the user's folder clean.
+    """
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="compress-scratch-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(old)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from compress.stages.base import OnnxContext, StageError, file_bytes
+from compress.stages.base import OnnxContext, StageError, file_bytes, scratch_cwd
 
 # model types ORT's transformer optimizer knows (onnxruntime.transformers.optimizer.MODEL_TYPES, encoder-only subset)
 ORT_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "xlm-roberta", "electra", "deberta-v2", "mpnet"}
@@ -42,12 +42,13 @@ def apply_graph_optimize(cfg: GraphOptimize, src: Path, dst: Path, ctx: OnnxCont
     if model_type != "bert" and ctx.model_type not in ORT_ENCODER_TYPES and cfg.model_type == "auto":
         raise StageError(f"graph.optimize: ORT's transformer optimizer has no fusions for model type '{ctx.model_type}': "
                          "drop the stage or set model_type explicitly")
+    src, dst = src.resolve(), dst.resolve()
     before = op_counts(src)
     chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):   # ORT's optimizer prints; stages return metrics instead
+    with contextlib.redirect_stdout(chatter), scratch_cwd():   # ORT's optimizer prints; stages return metrics
         opt = optimize_model(str(src), model_type=model_type, num_heads=ctx.num_heads, hidden_size=ctx.hidden_size,
                              opt_level=cfg.opt_level, use_gpu=False)
-        opt.save_model_to_file(str(dst))
+        opt.save_model_to_file(str(dst.resolve()))
     after = op_counts(dst)
     fused = {op: n for op, n in after.items() if op not in before}
     notes = [line.strip() for line in chatter.getvalue().splitlines() if line.strip()]

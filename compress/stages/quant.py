@@ -15,7 +15,7 @@ from typing import Literal
 
 import onnx
 
-from compress.stages.base import OnnxContext, StageError, file_bytes
+from compress.stages.base import OnnxContext, StageError, file_bytes, scratch_cwd
 
 QTYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -57,11 +57,13 @@ def apply_dynamic(cfg: DynamicQuant, src: Path, dst: Path, ctx: OnnxContext) -> 
 
     before = file_bytes(src)
     rr = _reduce_range(cfg.reduce_range, ctx)
-    quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
-                     per_channel=cfg.per_channel, reduce_range=rr, op_types_to_quantize=list(cfg.op_types) or None,
-                     # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer fails
-                     # with "Unable to find data type for weight_name".
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    src, dst = src.resolve(), dst.resolve()
+    with scratch_cwd():
+        quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
+                         per_channel=cfg.per_channel, reduce_range=rr, op_types_to_quantize=list(cfg.op_types) or None,
+                         # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer
+                         # fails with "Unable to find data type for weight_name".
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     return {"bytes_before": before, "bytes": file_bytes(dst), "reduce_range": rr, "quantized": _quantized_counts(dst)}
 
 
@@ -111,7 +113,6 @@ class _Reader:
 
 
 def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not ctx.calibration:
@@ -124,13 +125,24 @@ def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> di
         take = min(len(batch["input_ids"]), cfg.samples - n)
         feeds.append({k: v[:take] for k, v in batch.items() if k in graph_inputs})
         n += take
+    src, dst = src.resolve(), dst.resolve()
     pre = dst.with_name(dst.stem + ".pre.onnx")
     t0 = time.perf_counter()
-    try:
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-    except Exception:        # symbolic shape inference fails on some fused graphs; plain ONNX shape inference then
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     rr = _reduce_range(cfg.reduce_range, ctx)
+    with scratch_cwd():
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        except Exception:    # symbolic shape inference fails on some fused graphs; plain ONNX shape inference then
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        _quantize_static(cfg, pre, dst, feeds, rr)
+    return {"bytes_before": file_bytes(src), "bytes": file_bytes(dst), "calibration_samples": n,
+            "calibration_seconds": round(time.perf_counter() - t0, 2), "reduce_range": rr,
+            "quantized": _quantized_counts(dst)}
+
+
+def _quantize_static(cfg: StaticQuant, pre: Path, dst: Path, feeds: list[dict], rr: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     nodes = _weight_nodes(pre, cfg.op_types, cfg.exclude)
     try:
         quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
@@ -143,6 +155,3 @@ def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> di
         pre.unlink(missing_ok=True)
         for leftover in dst.parent.glob("augmented_model*.onnx"):
             leftover.unlink()
-    return {"bytes_before": file_bytes(src), "bytes": file_bytes(dst), "calibration_samples": n,
-            "calibration_seconds": round(time.perf_counter() - t0, 2), "reduce_range": rr,
-            "quantized": _quantized_counts(dst)}
