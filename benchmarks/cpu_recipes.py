@@ -120,10 +120,12 @@ def plot(out: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     ykey = "stsb_dev" if "stsb_dev" in out["rows"][0] else "fidelity"
     big = max(r["mb"] for r in out["rows"])
-    for r in out["rows"]:
+    for i, r in enumerate(out["rows"]):
         ax.scatter(r[f"p50_ms_{shape}"], r[ykey], s=600 * r["mb"] / big, alpha=0.6, edgecolors="black")
         ax.annotate(f"{r['recipe']} ({r['mb']:.0f} MB)", (r[f"p50_ms_{shape}"], r[ykey]), fontsize=8,
-                    textcoords="offset points", xytext=(6, 6))
+                    textcoords="offset points", xytext=(8, 10 - 22 * (i % 3)))
+    xs = [r[f"p50_ms_{shape}"] for r in out["rows"]]
+    ax.set_xlim(min(xs) * 0.95, max(xs) * 1.25)
     ax.set_xlabel(f"p50 latency at {shape} (ms, measured, ORT CPU EP, interleaved)")
     ax.set_ylabel("STS-B dev Spearman x100" if ykey == "stsb_dev" else "fidelity (mean cosine)")
     ax.set_title("MiniLM-L6 on this CPU: accuracy vs latency per recipe (marker: size)", fontsize=10)

@@ -6,7 +6,6 @@ so a failed run leaves nothing half-written and an existing result is only repla
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -60,14 +59,6 @@ def resolve_target(name: str) -> DeviceProfile:
         raise CompressError(f"target '{profile.name}' needs {profile.runtime} / {profile.execution_provider}, "
                             "which this build does not drive yet: use --target cpu")
     return profile
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: int = 128) -> tuple[dict, ...]:
@@ -234,8 +225,9 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
            "original": op_breakdown(baseline, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops),
            "compressed": op_breakdown(artifact, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops)}
 
+    parity = {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()}
+    if torch_stages:
+        parity["compressed_float_export"] = parity_float.as_dict()
     return build_report(cfg=cfg, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
-                        artifact=artifact, baseline=baseline, parity={"original_export": parity_original.as_dict(),
-                                                                      "compressed_float_export": parity_float.as_dict(),
-                                                                      "artifact": parity_final.as_dict()},
+                        artifact=artifact, baseline=baseline, parity=parity,
                         evals=results, latency=lat, ops=ops)

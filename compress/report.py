@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import platform
 from importlib import metadata
@@ -75,9 +76,11 @@ def build_report(*, cfg, lm, recipe, profile, stages, artifact: Path, baseline: 
 
 
 def _sha256(path: Path) -> str:
-    from compress.pipeline import sha256
-
-    return sha256(path)
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def markdown(report: dict) -> str:
@@ -134,7 +137,8 @@ def plot(report: dict, path: Path) -> None:
         ax.annotate(f"{label}\n{size / 1e6:.1f} MB", (x, y), textcoords="offset points", xytext=(10, 10), fontsize=8)
     shape = report["latency"][0]
     ax.set_xlabel(f"p50 latency, batch {shape['batch']} x seq {shape['seq']} (ms, measured, ORT CPU)")
-    ax.set_ylabel(ev["metric"] if ev else "metric")
+    short = {"fidelity": "fidelity (mean cosine to original)", "stsb": "STS-B Spearman x100", "accuracy": "accuracy %"}
+    ax.set_ylabel(short.get(ev["name"].split(":")[0], ev["metric"]) if ev else "metric")
     ax.set_title(f"{report['model']['name']} on {report['target']['name']}: accuracy vs latency", fontsize=10)
     xs = [p[1] for p in points]
     ax.set_xlim(0, max(xs) * 1.35)
