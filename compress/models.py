@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,9 @@ class LoadedModel:
     model: Any           # torch.nn.Module: SentenceTransformer or a transformers PreTrainedModel
     tokenizer: Any
     max_length: int      # tokenizer truncation length used for every encode
+    # Linear layers whose weights a stage put on an int4 grid: module name -> Int4Format. The exporter packs
+    # exactly these into MatMulNBits after the float export (compress.stages.int4).
+    int4_layers: dict = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -136,6 +139,16 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
             else:
                 out.append(mean_pool(res.last_hidden_state.float().numpy(), enc["attention_mask"].numpy()))
     return np.concatenate(out)
+
+
+def linear_layers(lm: LoadedModel, patterns: tuple[str, ...]) -> dict[str, "torch.nn.Linear"]:
+    """nn.Linear modules whose qualified names match any fnmatch pattern, in module order."""
+    import fnmatch
+
+    import torch
+
+    return {name: mod for name, mod in lm.model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)}
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from compress.errors import CompressError
 from compress.evaluate import EvalSpec, evaluate, parse_eval
 from compress.models import LoadedModel, load_model
 from compress.recipe import Recipe, StageSpec, load_recipe
-from compress.stages import OnnxContext
+from compress.stages import OnnxContext, TorchContext
 from profiles import DeviceProfile, ProfileError, load_profile
 from runtimes.profiler import ProfileConfig
 
@@ -137,6 +137,43 @@ def _commit(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: list[str],
+                       progress: Progress = lambda msg: None) -> tuple[LoadedModel, list[dict]]:
+    """Apply torch-level stages in order; each sees the untouched original model and the calibration text."""
+    if not stages:
+        return lm, []
+    import copy
+
+    ctx = TorchContext(original=copy.deepcopy(lm), calibration=tuple(calibration))
+    reports = []
+    for i, spec in enumerate(stages):
+        progress(f"stage {i + 1}/{len(stages)}: {spec.name}")
+        t0 = time.perf_counter()
+        try:
+            lm, metrics = spec.type.apply(spec.config, lm, ctx)
+        except ValueError as e:
+            raise CompressError(f"stage {spec.name} failed: {str(e).splitlines()[0]}") from None
+        reports.append({"name": spec.name, "level": "torch", "params": spec.params(), "metrics": metrics,
+                        "seconds": round(time.perf_counter() - t0, 2)})
+    return lm, reports
+
+
+def pack_int4_layers(lm: LoadedModel, src: Path, work: Path) -> tuple[Path, dict]:
+    """Pack the layers a stage put on the int4 grid into MatMulNBits (export.int4_pack)."""
+    from export.int4_pack import pack_int4
+
+    t0 = time.perf_counter()
+    modules = dict(lm.model.named_modules())
+    weights = {name: (modules[name].weight.detach().float().T.numpy(), fmt) for name, fmt in lm.int4_layers.items()}
+    dst = work / "int4-packed.onnx"
+    try:
+        metrics = pack_int4(src, dst, weights)
+    except ValueError as e:
+        raise CompressError(f"int4 packing failed: {e}: report this model as a bug") from None
+    return dst, {"name": "export.int4_pack", "level": "onnx", "params": {}, "metrics": metrics,
+                 "seconds": round(time.perf_counter() - t0, 2)}
+
+
 def apply_onnx_stages(stages: list[StageSpec], src: Path, work: Path, ctx: OnnxContext | None,
                       progress: Progress = lambda msg: None) -> tuple[Path, list[dict]]:
     """Apply ONNX-level stages in order, each writing a new file in ``work``; returns the last file and reports."""
@@ -179,12 +216,8 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
         raise CompressError(f"the float ONNX export diverges from torch (min cosine {parity_original.cosine_min:.5f} "
                             f"< {FLOAT_COSINE_MIN}): report this model as an export bug; nothing was written")
 
-    for spec in torch_stages:     # none shipped yet: pruning stages plug in here
-        progress(f"stage {spec.name}")
-        t0 = time.perf_counter()
-        lm, metrics = spec.type.apply(spec.config, lm, None)
-        stage_reports.append({"name": spec.name, "level": "torch", "params": spec.params(), "metrics": metrics,
-                              "seconds": round(time.perf_counter() - t0, 2)})
+    lm, reports = apply_torch_stages(torch_stages, lm, calibration, progress)
+    stage_reports += reports
     current, float_dir = baseline, baseline_dir
     parity_float = parity_original
     if torch_stages:
@@ -195,6 +228,10 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
         if not parity_float.passed:
             raise CompressError(f"the float export of the compressed model diverges from its torch model "
                                 f"(min cosine {parity_float.cosine_min:.5f}): report this as an export bug")
+    if lm.int4_layers:
+        progress(f"packing {len(lm.int4_layers)} int4 layers into MatMulNBits")
+        current, report = pack_int4_layers(lm, current, work)
+        stage_reports.append(report)
 
     ctx = onnx_context(lm, calibration) if onnx_stages else None
     current, reports = apply_onnx_stages(onnx_stages, current, work, ctx, progress)
@@ -204,7 +241,8 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
     artifact = staging / MODEL_FILE
     shutil.copy2(current, artifact)
     copy_app_files(float_dir, staging)
-    parity_final = verify_against_torch(lm, artifact, heldout, None if onnx_stages else FLOAT_COSINE_MIN,
+    exact = not onnx_stages and not lm.int4_layers          # float artefact: held to the float gate
+    parity_final = verify_against_torch(lm, artifact, heldout, FLOAT_COSINE_MIN if exact else None,
                                         reference=reference if not torch_stages else None)
 
     sess_orig, sess_comp = cpu_session(baseline, 0), cpu_session(artifact, 0)

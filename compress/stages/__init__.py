@@ -1,11 +1,24 @@
 """The stage registry: every stage type a recipe may name, read top to bottom."""
 from __future__ import annotations
 
-from compress.stages.base import OnnxContext, StageError, StageType
+from compress.stages.base import OnnxContext, StageError, StageType, TorchContext
 from compress.stages.graph import GraphOptimize, apply_graph_optimize
+from compress.stages.int4 import Int4Quant, apply_int4
+from compress.stages.lowrank import LowRank, apply_eora, apply_svd
+from compress.stages.nm import NMPrune, apply_nm
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
 
 REGISTRY: dict[str, StageType] = {
+    # torch level: run on the loaded model before export
+    "quant.int4": StageType("quant.int4", "torch", Int4Quant, apply_int4,
+                            "int4 weight-only RTN, block-wise, on ORT's MatMulNBits grid (packed at export)"),
+    "prune.nm": StageType("prune.nm", "torch", NMPrune, apply_nm,
+                          "N:M sparsity by magnitude, one shot (no retraining)"),
+    "lowrank.eora": StageType("lowrank.eora", "torch", LowRank, apply_eora,
+                              "EoRA: low-rank compensation of the compression error in the activation eigenspace"),
+    "lowrank.svd": StageType("lowrank.svd", "torch", LowRank, apply_svd,
+                             "low-rank compensation by plain SVD of the weight error (EoRA's baseline)"),
+    # onnx level: run on the exported graph
     "graph.optimize": StageType("graph.optimize", "onnx", GraphOptimize, apply_graph_optimize,
                                 "ONNX Runtime transformer fusions (attention, layer norm, GELU)"),
     "quant.dynamic": StageType("quant.dynamic", "onnx", DynamicQuant, apply_dynamic,
@@ -14,4 +27,4 @@ REGISTRY: dict[str, StageType] = {
                               "ONNX Runtime static int8 QDQ, per-channel weights, activations calibrated on text"),
 }
 
-__all__ = ["REGISTRY", "OnnxContext", "StageError", "StageType"]
+__all__ = ["REGISTRY", "OnnxContext", "StageError", "StageType", "TorchContext"]

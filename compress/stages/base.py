@@ -32,6 +32,14 @@ class OnnxContext:
 
 
 @dataclass(frozen=True)
+class TorchContext:
+    """Read-only inputs a torch stage may use."""
+
+    original: Any                 # the untouched LoadedModel (for error compensation, distillation, deltas)
+    calibration: tuple[str, ...]  # unlabelled calibration text
+
+
+@dataclass(frozen=True)
 class StageType:
     name: str
     level: Level

@@ -1,0 +1,197 @@
+"""Low-rank error compensation after a compressing stage: ``lowrank.eora`` and ``lowrank.svd``.
+
+For every compressed Linear (weight differs from the original), ΔW = W_original − W_compressed
+(out × in). EoRA projects ΔW into the eigenspace of the layer's input activations:
+  C = mean x xᵀ (float64) = Q Λ Qᵀ, λ clamped;  Q' = Q Λ^½;  SVD(ΔW Q') = U Σ Vᵀ, keep r;
+  B = U_r Σ_r^½ (out × r),  A = Σ_r^½ V_rᵀ Λ^-½ Qᵀ (r × in)
+so BA minimises ‖(ΔW − BA) X‖_F. ``lowrank.svd`` is the baseline: SVD of ΔW itself (no activations).
+The layer becomes ``W_c x + B(A x)``. Layers are processed in module order; each layer's activations
+come from the model whose earlier layers are already compressed and compensated.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from compress.stages.base import StageError, TorchContext
+
+
+@dataclass(frozen=True)
+class LowRank:
+    rank: int = 32                  # fixed rank, or the cap when explained > 0
+    explained: float = 0.0          # > 0: per layer, the smallest rank reaching this share of the (weighted) error
+    layers: tuple[str, ...] = ("*",)
+    calibration_samples: int = 64
+    eig_floor: float = 1e-6         # eigenvalues below floor * largest are clamped to it
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise StageError(f"lowrank: rank={self.rank} must be >= 1")
+        if not 0.0 <= self.explained < 1.0:
+            raise StageError(f"lowrank: explained={self.explained} must be in [0, 1)")
+        if self.calibration_samples < 1 or not 0 < self.eig_floor < 1:
+            raise StageError("lowrank: calibration_samples must be >= 1 and eig_floor in (0, 1)")
+
+
+@functools.lru_cache(maxsize=None)
+def _lowrank_module():
+    import torch
+
+    class LowRankLinear(torch.nn.Module):
+        """y = base(x) + lowrank_B(lowrank_A(x)); exports as the base MatMul plus two thin MatMuls."""
+
+        def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor):
+            super().__init__()
+            self.base = base
+            self.lowrank_A = torch.nn.Linear(a.shape[1], a.shape[0], bias=False)
+            self.lowrank_B = torch.nn.Linear(b.shape[1], b.shape[0], bias=False)
+            with torch.no_grad():
+                self.lowrank_A.weight.copy_(a)
+                self.lowrank_B.weight.copy_(b)
+
+        @property
+        def weight(self):
+            return self.base.weight
+
+        def forward(self, x):
+            return self.base(x) + self.lowrank_B(self.lowrank_A(x))
+
+    return LowRankLinear
+
+
+def _choose_rank(sigma: np.ndarray, cfg: LowRank) -> int:
+    if cfg.explained <= 0:
+        return min(cfg.rank, len(sigma))
+    energy = np.cumsum(sigma ** 2) / max(float((sigma ** 2).sum()), 1e-30)
+    return int(min(cfg.rank, np.searchsorted(energy, cfg.explained) + 1))
+
+
+def factors(dw: np.ndarray, cov: np.ndarray | None, cfg: LowRank) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A (r × in), B (out × r) and error figures for one layer. cov None: plain SVD of ΔW."""
+    d_in = dw.shape[1]
+    if cov is None:
+        q_sqrt, q_inv, clamped = np.eye(d_in), np.eye(d_in), 0
+        weighted = dw
+    else:
+        lam, q = np.linalg.eigh(cov)                                 # ascending, float64
+        floor = cfg.eig_floor * max(float(lam.max()), 1e-30)
+        clamped = int((lam < floor).sum())
+        lam = np.maximum(lam, floor)
+        q_sqrt = q * np.sqrt(lam)                                    # Q Λ^½
+        q_inv = (q / np.sqrt(lam)).T                                 # Λ^-½ Qᵀ  (the inverse of Q')
+        weighted = dw @ q_sqrt
+    u, s, vt = np.linalg.svd(weighted, full_matrices=False)
+    r = _choose_rank(s, cfg)
+    root = np.sqrt(s[:r])
+    b = u[:, :r] * root                                              # (out, r)
+    a = (root[:, None] * vt[:r]) @ q_inv                             # (r, in)
+    return a, b, {"rank": r, "clamped_eigenvalues": clamped}
+
+
+def _forward_with_hooks(lm, names: list[str], texts: list[str], fn) -> None:
+    """Run the calibration text through the model with ``fn(name, x)`` hooked on each named module's input."""
+    import torch
+
+    from compress.models import torch_outputs
+
+    modules = dict(lm.model.named_modules())
+    def hook(name):
+        def on_forward(_module, inputs, _output) -> None:     # returning None keeps the module's output
+            fn(name, inputs[0])
+        return on_forward
+
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            torch_outputs(lm, texts, batch_size=16)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _input_groups(lm, names: list[str], texts: list[str]) -> list[list[str]]:
+    """Layers that read the same input tensor (e.g. Q, K, V) form a group: one calibration pass serves them all."""
+    key: dict[str, int] = {}
+    _forward_with_hooks(lm, names, texts[:1], lambda n, x: key.setdefault(n, x.data_ptr()))
+    groups: list[list[str]] = []
+    for n in names:
+        if groups and key[groups[-1][0]] == key[n]:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+    return groups
+
+
+def _input_covariances(lm, names: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+    """E[x xᵀ] of each named Linear's input over all calibration tokens (float64), in one forward pass."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def collect(name, x):
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + (x.T @ x).numpy()
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _forward_with_hooks(lm, names, texts, collect)
+    return {name: sums[name] / counts[name] for name in names}
+
+
+def _weighted_norm(m: np.ndarray, cov: np.ndarray) -> float:
+    """‖M X‖_F / sqrt(n) = sqrt(tr(M C Mᵀ))."""
+    return float(np.sqrt(max(np.einsum("ij,jk,ik->", m, cov, m), 0.0)))
+
+
+def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
+    from compress.models import linear_layers
+
+    stage = "lowrank.eora" if whiten else "lowrank.svd"
+    originals = {n: m.weight.detach().double().numpy() for n, m in linear_layers(ctx.original, cfg.layers).items()}
+    current = linear_layers(lm, cfg.layers)
+    targets = [n for n, m in current.items() if n in originals
+               and not np.array_equal(originals[n], m.weight.detach().double().numpy())]
+    if not targets:
+        raise StageError(f"{stage}: no compressed Linear layer to compensate: put it after a compressing stage "
+                         "(quant.int4, prune.nm, ...)")
+    texts = list(ctx.calibration[:cfg.calibration_samples])
+    per_layer = []
+    # Module order, earlier layers first; each group's activations come from the already compensated model.
+    # SVD does not use the covariance for its factors, only to report the error in the same norm as EoRA.
+    for group in _input_groups(lm, targets, texts):
+        covs = _input_covariances(lm, group, texts)
+        for name in group:
+            per_layer.append(_compensate_layer(lm, name, covs[name], originals[name], cfg, whiten))
+    for name in targets:                              # int4 packing follows the weight into its new module
+        if name in lm.int4_layers and any(r.get("layer") == name and "rank" in r for r in per_layer):
+            lm.int4_layers[f"{name}.base"] = lm.int4_layers.pop(name)
+    done = [r for r in per_layer if "rank" in r]
+    mean = lambda key: round(float(np.mean([r[key] for r in done])), 5) if done else None
+    return lm, {"layers": len(done), "skipped": len(per_layer) - len(done), "mean_error_before": mean("error_before"),
+                "mean_error_after": mean("error_after"), "added_params": sum(r["added_params"] for r in done),
+                "error_norm": "activation-weighted relative: ||dW X|| / ||W X||", "per_layer": per_layer}
+
+
+def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg: LowRank, whiten: bool) -> dict:
+    import torch
+
+    mod = lm.model.get_submodule(name)
+    if not np.isfinite(cov).all() or np.abs(cov).max() == 0:
+        return {"layer": name, "skipped": "degenerate calibration covariance (no signal): left uncompensated"}
+    dw = original - mod.weight.detach().double().numpy()
+    a, b, info = factors(dw, cov if whiten else None, cfg)
+    scale = max(_weighted_norm(original, cov), 1e-30)
+    before, after = _weighted_norm(dw, cov) / scale, _weighted_norm(dw - b @ a, cov) / scale
+    parent, _, child = name.rpartition(".")
+    new = _lowrank_module()(mod, torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    setattr(lm.model.get_submodule(parent) if parent else lm.model, child, new)
+    return {"layer": name, **info, "error_before": round(before, 5), "error_after": round(after, 5),
+            "added_params": int(a.size + b.size)}
+
+
+def apply_eora(cfg: LowRank, lm, ctx: TorchContext):
+    return compensate(cfg, lm, ctx, whiten=True)
+
+
+def apply_svd(cfg: LowRank, lm, ctx: TorchContext):
+    return compensate(cfg, lm, ctx, whiten=False)
