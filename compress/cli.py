@@ -107,9 +107,12 @@ def run(model, target, recipe, out, evals, task, data, shapes, runs, threads, fo
 
 def _summary(report: dict) -> str:
     lines = [f"{report['model']['name']} -> {report['target']['name']} with recipe {report['recipe']['name']}"]
-    for c, b in zip(report["latency"], report["baseline_latency"]):
+    roof = report.get("roofline", {}).get("compressed", [])
+    for i, (c, b) in enumerate(zip(report["latency"], report["baseline_latency"])):
+        est = roof[i] if i < len(roof) else {}
+        est_txt = f"; roofline {est['p50_ms']:.2f} ms [analytic]" if "p50_ms" in est else ""
         lines.append(f"  latency {c['batch']}x{c['seq']}: p50 {c['p50_ms']:.2f} ms [{c['source']}] vs original "
-                     f"{b['p50_ms']:.2f} ms [{b['source']}]  ratio {c['p50_ms'] / b['p50_ms']:.2f}")
+                     f"{b['p50_ms']:.2f} ms [{b['source']}]  ratio {c['p50_ms'] / b['p50_ms']:.2f}{est_txt}")
     for e in report["eval"]:
         lines.append(f"  {e['name']}: {e['compressed']} (original {e['original']})")
     lines.append(f"  size: {report['artifact']['bytes'] / 1e6:.1f} MB (original {report['baseline_artifact']['bytes'] / 1e6:.1f} MB)")
@@ -124,13 +127,17 @@ def _summary(report: dict) -> str:
 @click.option("--runs", default=50, show_default=True)
 @click.option("--threads", default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
-def profile(artifact, target, baseline, shapes, runs, threads, json_out) -> None:
-    """Measure an existing artefact folder or .onnx file on a target."""
-    from compress.pipeline import resolve_target
+@click.option("--estimate", is_flag=True, help="Analytic roofline from the target's profile instead of a measurement.")
+def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimate) -> None:
+    """Measure an existing artefact folder or .onnx file on a target (or estimate it with --estimate)."""
+    from compress.pipeline import load_target, resolve_target
     from runtimes.host import host_info
     from runtimes.profiler import measure_latency, op_breakdown
 
     cfg = _latency_config(shapes, runs, threads)
+    if estimate:
+        _estimate_cmd(artifact, load_target_or_fail(target), cfg.shapes, json_out)
+        return
     try:
         resolve_target(target)
         models = {"artifact": _onnx_path(artifact)}
@@ -155,6 +162,46 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out) -> None
         data = {"host": host.as_dict(), "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in res.items()},
                 "ops": ops, "models": {k: str(v) for k, v in models.items()}}
         json_out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_target_or_fail(name: str):
+    from compress.pipeline import load_target
+
+    try:
+        return load_target(name)
+    except CompressError as e:
+        _fail(e)
+
+
+def _estimate_cmd(artifact: Path, profile, shapes, json_out: Path | None) -> None:
+    from runtimes.roofline import RooflineError, estimate
+
+    try:
+        path = _onnx_path(artifact)
+        rows = [estimate(path, profile, s.batch, s.seq) for s in shapes]
+    except (CompressError, RooflineError) as e:
+        _fail(e)
+    click.echo(f"target {profile.name}: {profile.description}")
+    for r in rows:
+        click.echo(f"  {r['batch']}x{r['seq']}: {r['p50_ms']:.2f} ms [{r['source']}, {r['tool']}]  "
+                   f"{r['macs'] / 1e9:.2f} GMAC, {r['bytes'] / 1e6:.1f} MB moved")
+    click.echo("caveats:\n" + "\n".join(f"  - {c}" for c in rows[0]["caveats"]))
+    if json_out:
+        json_out.write_text(json.dumps({"target": profile.name, "estimates": rows}, indent=2, default=str) + "\n")
+
+
+@main.command()
+def targets() -> None:
+    """List device profiles and what this host can do for each: measured or estimate only."""
+    from compress.pipeline import target_status
+    from profiles import available_profiles, load_profile
+
+    click.echo(f"{'target':<18} {'kind':<5} {'this host':<14} {'latency source on its device':<28} why")
+    for name in available_profiles():
+        p = load_profile(name)
+        mode, why = target_status(p)
+        click.echo(f"{name:<18} {p.kind:<5} {mode:<14} {p.latency_source:<28} {why}")
+    click.echo("\nAdd your own: pass a profile .toml path as --target (fields: see profiles/cpu.toml).")
 
 
 def _onnx_path(p: Path) -> Path:

@@ -50,14 +50,37 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise CompressError(f"output {out} already exists and is not empty: pass --force to replace it or choose --out")
 
 
-def resolve_target(name: str) -> DeviceProfile:
+def target_status(profile: DeviceProfile) -> tuple[str, str]:
+    """What this host can do for a target today: ("measured" | "estimate only", why)."""
+    from profiles import missing_requirements
+
+    if profile.kind == "cpu" and profile.latency_source == "measured":
+        return "measured", "ONNX Runtime CPU EP on this host"
+    if profile.kind == "gpu":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return "estimate only", "no CUDA device / onnxruntime-gpu on this host"
+        return "estimate only", "CUDA is present, but GPU measurement is not built yet"
+    missing = missing_requirements(profile)
+    why = f"needs {', '.join(missing)} (not installed)" if missing else f"{profile.runtime} back-end not built yet"
+    return "estimate only", why
+
+
+def load_target(name: str) -> DeviceProfile:
     try:
-        profile = load_profile(name)
+        return load_profile(name)
     except ProfileError as e:
         raise CompressError(str(e)) from None
-    if profile.kind != "cpu" or profile.latency_source != "measured":
-        raise CompressError(f"target '{profile.name}' needs {profile.runtime} / {profile.execution_provider}, "
-                            "which this build does not drive yet: use --target cpu")
+
+
+def resolve_target(name: str) -> DeviceProfile:
+    """A target this host can measure; anything else is refused with the way to get an estimate."""
+    profile = load_target(name)
+    mode, why = target_status(profile)
+    if mode != "measured":
+        raise CompressError(f"target '{profile.name}' cannot be measured here ({why}): use --target cpu, or "
+                            f"`compress profile ARTIFACT --target {profile.name} --estimate` for an analytic roofline")
     return profile
 
 
@@ -135,6 +158,18 @@ def _commit(staging: Path, out: Path) -> None:
     staging.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _estimate(path: Path, profile: DeviceProfile, shape) -> dict:
+    """The analytic roofline for one shape; an estimator failure is reported, never fatal to a measured run."""
+    from runtimes.roofline import RooflineError, estimate
+
+    try:
+        est = estimate(path, profile, shape.batch, shape.seq)
+    except (RooflineError, ValueError) as e:
+        return {"batch": shape.batch, "seq": shape.seq, "source": "analytic", "error": str(e).splitlines()[0]}
+    keep = ("batch", "seq", "p50_ms", "source", "tool", "profile", "macs", "bytes", "bound", "caveats")
+    return {k: est[k] for k in keep if k in est}
 
 
 def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: list[str],
@@ -266,6 +301,9 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
     parity = {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()}
     if torch_stages:
         parity["compressed_float_export"] = parity_float.as_dict()
-    return build_report(cfg=cfg, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
+    progress("roofline estimate for the host CPU profile (analytic, next to the measurement)")
+    roofline = {label: [_estimate(path, prep.profile, shape) for shape in cfg.latency.shapes]
+                for label, path in (("original", baseline), ("compressed", artifact))}
+    return build_report(cfg=cfg, roofline=roofline, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
                         artifact=artifact, baseline=baseline, parity=parity,
                         evals=results, latency=lat, ops=ops)

@@ -51,7 +51,8 @@ def findings(report: dict) -> list[str]:
     return out
 
 
-def build_report(*, cfg, lm, recipe, profile, stages, artifact: Path, baseline: Path, parity, evals, latency, ops) -> dict:
+def build_report(*, cfg, lm, recipe, profile, stages, artifact: Path, baseline: Path, parity, evals, latency, ops,
+                 roofline: dict) -> dict:
     from runtimes.host import host_info
 
     report = {
@@ -68,6 +69,7 @@ def build_report(*, cfg, lm, recipe, profile, stages, artifact: Path, baseline: 
         "latency": _lat_dicts(latency["compressed"]),
         "baseline_latency": _lat_dicts(latency["original"]),
         "ops": ops,
+        "roofline": roofline,
         "host": host_info().as_dict(),
         "versions": versions(),
     }
@@ -94,6 +96,18 @@ def markdown(report: dict) -> str:
     for c, b in zip(report["latency"], report["baseline_latency"]):
         lines.append(f"| {c['batch']}x{c['seq']} | {b['p50_ms']:.2f} | {c['p50_ms']:.2f} | {c['p50_ms'] / b['p50_ms']:.2f} | "
                      f"{c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['throughput_per_s']:.1f} | {c['runs']} | {c['threads']} |")
+    roof = report.get("roofline", {})
+    if roof:
+        lines += ["", "## Roofline estimate vs measurement (how far the estimator is from reality on this CPU)", "",
+                  "| shape | model | measured p50 ms | roofline ms (analytic) | estimate / measured |", "|---|---|---|---|---|"]
+        for label, measured in (("original", report["baseline_latency"]), ("compressed", report["latency"])):
+            for m, e in zip(measured, roof.get(label, [])):
+                est = f"{e['p50_ms']:.2f}" if "p50_ms" in e else f"n/a ({e.get('error', '')})"
+                ratio = f"{e['p50_ms'] / m['p50_ms']:.2f}" if "p50_ms" in e else ""
+                lines.append(f"| {m['batch']}x{m['seq']} | {label} | {m['p50_ms']:.2f} | {est} | {ratio} |")
+        first = next((e for rows in roof.values() for e in rows if "caveats" in e), None)
+        if first:
+            lines += [""] + [f"- {c}" for c in first["caveats"]]
     lines += ["", "## Accuracy", "", "| eval | metric | original | compressed |", "|---|---|---|---|"]
     for e in report["eval"]:
         lines.append(f"| {e['name']} | {e['metric']} | {e['original']} | {e['compressed']} |")

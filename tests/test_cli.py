@@ -94,3 +94,37 @@ def test_profile_an_exported_tiny_model(tiny_dirs, tmp_path):
     data = json.loads((tmp_path / "p.json").read_text())
     assert set(data["latency"]) == {"artifact", "baseline"}
     assert [(r["batch"], r["seq"]) for r in data["latency"]["artifact"]] == [(1, 16), (2, 32)]
+
+
+def test_targets_lists_every_profile_with_what_this_host_can_do():
+    from profiles import available_profiles
+
+    res = _run(["targets"])
+    assert res.exit_code == 0
+    for name in available_profiles():
+        assert name in res.output
+    assert "measured" in res.output and "estimate only" in res.output
+
+
+def test_gpu_target_without_cuda_is_one_clear_line(tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this host has CUDA")
+    res = _run(["run", "minilm", "--target", "gpu", "--out", str(tmp_path / "o")] + FAST)
+    _one_line_error(res, "gpu", "--estimate")
+    assert not (tmp_path / "o").exists()
+
+
+def test_profile_estimate_is_labelled_analytic(tiny_dirs, tmp_path):
+    from compress.models import load_model
+    from export.onnx_export import export_onnx
+
+    export_onnx(load_model(str(tiny_dirs["st"])), tmp_path / "art")
+    res = _run(["profile", str(tmp_path / "art"), "--target", "npu-qnn-htp", "--estimate", "--shapes", "1x16,4x16",
+                "--json", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("[analytic") == 2 and "caveats" in res.output
+    rows = json.loads((tmp_path / "e.json").read_text())["estimates"]
+    assert all(r["source"] == "analytic" and r["p50_ms"] > 0 for r in rows)
+    assert rows[1]["macs"] == 4 * rows[0]["macs"]

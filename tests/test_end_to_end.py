@@ -40,6 +40,10 @@ def test_report_is_complete_and_honest(minilm_run):
     fid = next(e for e in rep["eval"] if e["name"] == "fidelity")
     assert 0.97 < fid["compressed"] <= 1.0
     assert "avx2" in rep["host"]["isa"] and rep["versions"]["onnxruntime"]
+    for label in ("original", "compressed"):               # roofline printed next to the measurement
+        assert [e["source"] for e in rep["roofline"][label]] == ["analytic", "analytic"]
+        assert all(e["p50_ms"] > 0 for e in rep["roofline"][label])
+    assert "[analytic]" in stdout
     assert "[measured]" in stdout
     md = (out / "report.md").read_text()
     assert "| 1x32 |" in md and "Parity" in md
