@@ -86,16 +86,17 @@ def _fail(e: Exception) -> None:
 @click.option("--task", type=click.Choice(["sentence-embedding", "feature-extraction", "text-classification"]),
               help="Override the task read from the model's config.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration text (.txt/.jsonl/.csv); default: shipped sentences.")
+@click.option("--base", help="The base model MODEL was fine-tuned from (for delta stages): minilm, a folder or a hub id.")
 @click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
 @click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def run(model, target, recipe, out, evals, task, data, shapes, runs, threads, force) -> None:
+def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threads, force) -> None:
     """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
     from compress.pipeline import RunConfig, run as run_pipeline
 
     cfg = RunConfig(model=model, target=target, recipe=recipe, out=out, evals=tuple(evals) or ("fidelity",),
-                    task=task, data=data, force=force, latency=_latency_config(shapes, runs, threads))
+                    task=task, data=data, base=base, force=force, latency=_latency_config(shapes, runs, threads))
     try:
         folder, report = run_pipeline(cfg, progress=_Clock(), on_latency=_latency_progress())
     except CompressError as e:

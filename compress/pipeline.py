@@ -36,6 +36,7 @@ class RunConfig:
     evals: tuple[str, ...] = ("fidelity",)
     task: str | None = None
     data: Path | None = None
+    base: str | None = None        # the base model a fine-tuned MODEL came from (delta stages)
     force: bool = False
     latency: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -173,13 +174,15 @@ def _estimate(path: Path, profile: DeviceProfile, shape) -> dict:
 
 
 def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: list[str],
-                       progress: Progress = lambda msg: None) -> tuple[LoadedModel, list[dict]]:
+                       progress: Progress = lambda msg: None, artifact_dir: Path | None = None,
+                       base_model: str | None = None) -> tuple[LoadedModel, list[dict]]:
     """Apply torch-level stages in order; each sees the untouched original model and the calibration text."""
     if not stages:
         return lm, []
     import copy
 
-    ctx = TorchContext(original=copy.deepcopy(lm), calibration=tuple(calibration))
+    ctx = TorchContext(original=copy.deepcopy(lm), calibration=tuple(calibration), artifact_dir=artifact_dir,
+                       base_model=base_model)
     reports = []
     for i, spec in enumerate(stages):
         progress(f"stage {i + 1}/{len(stages)}: {spec.name}")
@@ -251,7 +254,7 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
         raise CompressError(f"the float ONNX export diverges from torch (min cosine {parity_original.cosine_min:.5f} "
                             f"< {FLOAT_COSINE_MIN}): report this model as an export bug; nothing was written")
 
-    lm, reports = apply_torch_stages(torch_stages, lm, calibration, progress)
+    lm, reports = apply_torch_stages(torch_stages, lm, calibration, progress, artifact_dir=staging, base_model=cfg.base)
     stage_reports += reports
     current, float_dir = baseline, baseline_dir
     parity_float = parity_original

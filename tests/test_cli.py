@@ -128,3 +128,18 @@ def test_profile_estimate_is_labelled_analytic(tiny_dirs, tmp_path):
     rows = json.loads((tmp_path / "e.json").read_text())["estimates"]
     assert all(r["source"] == "analytic" and r["p50_ms"] > 0 for r in rows)
     assert rows[1]["macs"] == 4 * rows[0]["macs"]
+
+
+def test_classifier_run_with_accuracy_eval(tiny_dirs, tmp_path):
+    data = tmp_path / "labels.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"sentence number {i} is here\t{i % 3}\n" for i in range(30)))
+    out = tmp_path / "run"
+    res = _run(["run", str(tiny_dirs["classifier"]), "--recipe", "dynamic-int8", "--out", str(out),
+                "--eval", f"accuracy:{data}", "--eval", "fidelity"] + FAST)
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["task"] == "text-classification"
+    acc = next(e for e in rep["eval"] if e["name"].startswith("accuracy"))
+    assert 0 <= acc["original"] <= 100 and 0 <= acc["compressed"] <= 100 and acc["metric"] == "accuracy %"
+    res = _run(["run", str(tiny_dirs["classifier"]), "--eval", f"stsb:{data}", "--out", str(tmp_path / "x")] + FAST)
+    _one_line_error(res, "stsb needs an embedding model")

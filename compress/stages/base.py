@@ -37,6 +37,8 @@ class TorchContext:
 
     original: Any                 # the untouched LoadedModel (for error compensation, distillation, deltas)
     calibration: tuple[str, ...]  # unlabelled calibration text
+    artifact_dir: Path | None = None   # where a stage may write a side artefact (e.g. delta.safetensors)
+    base_model: str | None = None      # --base MODEL: the pre-fine-tuning model, for delta stages
 
 
 @dataclass(frozen=True)
