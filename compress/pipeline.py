@@ -182,7 +182,7 @@ def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: li
     import copy
 
     ctx = TorchContext(original=copy.deepcopy(lm), calibration=tuple(calibration), artifact_dir=artifact_dir,
-                       base_model=base_model)
+                       base_model=base_model, progress=progress)
     reports = []
     for i, spec in enumerate(stages):
         progress(f"stage {i + 1}/{len(stages)}: {spec.name}")

@@ -6,12 +6,16 @@ from compress.stages.graph import GraphOptimize, apply_graph_optimize
 from compress.stages.int4 import Int4Quant, apply_int4
 from compress.stages.lowrank import LowRank, apply_eora, apply_svd
 from compress.stages.nm import NMPrune, apply_nm
+from compress.stages.prune import GradualPrune, apply_gradual
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
 
 REGISTRY: dict[str, StageType] = {
     # torch level: run on the loaded model before export
     "quant.int4": StageType("quant.int4", "torch", Int4Quant, apply_int4,
                             "int4 weight-only RTN, block-wise, on ORT's MatMulNBits grid (packed at export)"),
+    "prune.gradual": StageType("prune.gradual", "torch", GradualPrune, apply_gradual,
+                               "gradual magnitude pruning (cubic schedule), unstructured / FFN channel / head, "
+                               "recovered by distillation"),
     "prune.nm": StageType("prune.nm", "torch", NMPrune, apply_nm,
                           "N:M sparsity by magnitude, one shot (no retraining)"),
     "lowrank.eora": StageType("lowrank.eora", "torch", LowRank, apply_eora,

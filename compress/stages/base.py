@@ -39,6 +39,7 @@ class TorchContext:
     calibration: tuple[str, ...]  # unlabelled calibration text
     artifact_dir: Path | None = None   # where a stage may write a side artefact (e.g. delta.safetensors)
     base_model: str | None = None      # --base MODEL: the pre-fine-tuning model, for delta stages
+    progress: Callable[[str], None] | None = None   # training stages report steps here (the CLI shows them)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,121 @@
+"""Pruning on MiniLM: gradual magnitude (unstructured 50/75%), FFN channels 50%, heads 25%, 2:4 one shot;
+each with and without dynamic int8. STS-B dev Spearman, p50 side by side with the dense model (all variants
+timed interleaved in one loop), size raw and zipped, training minutes.
+
+    python benchmarks/pruning.py [--steps 400] [--runs 50]
+
+Recovery is distillation from the original model on unlabelled text: sentences of the STS-B *train* split
+(labels unused), so the dev split stays held out. Writes benchmarks/results/pruning.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from compress.cli import _quiet_libraries
+
+STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
+RESULTS = Path(__file__).parent / "results"
+
+
+def variants(steps: int) -> list[tuple[str, list[dict]]]:
+    g = {"type": "prune.gradual", "end_step": int(steps * 0.75), "total_steps": steps, "frequency": max(steps // 16, 1)}
+    return [("dense", []),
+            ("unstructured 50%", [{**g, "final_sparsity": 0.5}]),
+            ("unstructured 75%", [{**g, "final_sparsity": 0.75}]),
+            ("2:4 one-shot (no recovery)", [{"type": "prune.nm", "n": 2, "m": 4}]),
+            ("FFN channels 50%", [{**g, "granularity": "channel", "final_sparsity": 0.5}]),
+            ("heads 25%", [{**g, "granularity": "head", "final_sparsity": 0.25}])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--train-sentences", type=int, default=4000)
+    ap.add_argument("--runs", type=int, default=50)
+    args = ap.parse_args()
+    _quiet_libraries()
+    dev, train = STSB / "sts-dev.csv", STSB / "sts-train.csv"
+    if not dev.is_file() or not train.is_file():
+        raise SystemExit(f"STS-B not found under {STSB}")
+
+    from compress.data import read_stsb
+    from compress.evaluate import stsb_spearman
+    from compress.models import load_model
+    from compress.pipeline import apply_onnx_stages, apply_torch_stages
+    from compress.recipe import parse_recipe
+    from compress.report import zipped_bytes
+    from compress.stages.base import file_bytes
+    from export.onnx_export import export_onnx
+    from runtimes.encode import ort_outputs
+    from runtimes.host import host_info
+    from runtimes.ort import cpu_session
+    from runtimes.profiler import ProfileConfig, Shape, measure_latency
+
+    t_start = time.perf_counter()
+    lm0 = load_model("minilm")
+    pairs = read_stsb(train)
+    text = list(dict.fromkeys(pairs.first + pairs.second))[:args.train_sentences]
+    int8 = parse_recipe({"stages": [{"type": "quant.dynamic"}]}, "int8", "benchmark").stages
+    rows, paths = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for i, (name, stages) in enumerate(variants(args.steps)):
+            t0 = time.perf_counter()
+            recipe = parse_recipe({"stages": stages}, name, "benchmark")
+            lm, reports = apply_torch_stages(list(recipe.stages), copy.deepcopy(lm0), text,
+                                             progress=lambda m: print(m, flush=True) if "step" in m else None)
+            train_min = (time.perf_counter() - t0) / 60
+            fp = export_onnx(lm, work / f"v{i}")
+            q, _ = apply_onnx_stages(list(int8), fp, work / f"v{i}", None)
+            for label, path in ((name, fp), (f"{name} + int8", q)):
+                s = cpu_session(path, 0)
+                row = {"variant": label, "stsb_dev": round(stsb_spearman(
+                    lambda t: ort_outputs(s, lm.tokenizer, t, lm.task, lm.max_length), dev), 3),
+                    "mb": round(file_bytes(path) / 1e6, 2), "mb_zip": round(zipped_bytes(path) / 1e6, 2),
+                    "training_minutes": round(train_min, 2)}
+                rows.append(row)
+                paths[label] = path
+                print(row, flush=True)
+        shapes = (Shape(1, 128),)
+        print(f"timing {len(paths)} variants interleaved (1x128, {args.runs} runs)", flush=True)
+        lat = measure_latency(paths, ProfileConfig(shapes=shapes, runs=args.runs))
+    dense = rows[0]["stsb_dev"]
+    dense_int8_p50 = lat["dense + int8"][0].p50_ms
+    for r in rows:
+        r["p50_ms_1x128"] = lat[r["variant"]][0].p50_ms
+        r["p50_vs_dense"] = round(r["p50_ms_1x128"] / lat["dense"][0].p50_ms, 3)
+        r["p50_vs_dense_int8"] = round(r["p50_ms_1x128"] / dense_int8_p50, 3)
+        r["delta_vs_dense"] = round(r["stsb_dev"] - dense, 3)
+    out = {"host": host_info().as_dict(), "rows": rows, "runs": args.runs, "steps": args.steps,
+           "train_sentences": len(text),
+           "latency": {k: [dataclasses.asdict(x) for x in v] for k, v in lat.items()},
+           "command": f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
+                      f"--runs {args.runs}", "minutes": round((time.perf_counter() - t_start) / 60, 1)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pruning.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / "pruning.md").write_text(table(out))
+    print(table(out))
+
+
+def table(out: dict) -> str:
+    lines = [f"MiniLM-L6, STS-B dev; recovery: {out['steps']} distillation steps on {out['train_sentences']} unlabelled "
+             f"STS-B train sentences; p50 at 1x128 measured interleaved ({out['runs']} runs, ORT CPU EP, "
+             f"{out['host']['cpu_model']}, VNNI: {out['host']['has_vnni']}).", "",
+             "| variant | STS-B dev | vs dense | p50 ms | vs dense fp32 | vs dense int8 | MB | MB zipped | training min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['variant']} | {r['stsb_dev']:.2f} | {r['delta_vs_dense']:+.2f} | {r['p50_ms_1x128']:.1f} | "
+                     f"{r['p50_vs_dense']:.2f} | {r['p50_vs_dense_int8']:.2f} | {r['mb']:.1f} | {r['mb_zip']:.1f} | "
+                     f"{r['training_minutes']:.1f} |")
+    lines += ["", f"Command: `{out['command']}` ({out['minutes']} min).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

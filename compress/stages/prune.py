@@ -1,0 +1,247 @@
+"""``prune.gradual``: gradual magnitude pruning on the cubic schedule, recovered by distillation.
+
+Zhu & Gupta: s_t = s_f + (s_i − s_f)(1 − (t − t0)/(n Δt))³ for t0 ≤ t ≤ t0 + nΔt, updated every Δt
+steps, per-layer thresholds, then recovery steps at the final sparsity. The masks live in
+``torch.nn.utils.prune`` (weight = weight_orig * mask), so masked weights get no gradient and Adam or
+weight decay cannot revive them. Recovery without labels: distil the original model's outputs
+(cosine on the sentence embedding / mean-pooled state, MSE on logits) on unlabelled text.
+
+Granularities:
+- ``unstructured``: individual weights of every matched Linear. No speed-up in ORT's CPU kernels.
+- ``channel``: whole FFN neurons (row i of intermediate.dense and column i of output.dense), scored by
+  ||W1[i,:]|| * ||W2[:,i]||, physically removed before export: smaller and faster everywhere.
+- ``head``: whole attention heads (Q/K/V rows and the output columns of a head), scored by the norms of
+  those slices, removed with transformers' own ``prune_heads`` before export.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from compress.stages.base import StageError, TorchContext
+
+GRANULARITIES = ("unstructured", "channel", "head")
+
+
+@dataclass(frozen=True)
+class GradualPrune:
+    final_sparsity: float = 0.5
+    initial_sparsity: float = 0.0
+    granularity: str = "unstructured"           # unstructured | channel | head
+    begin_step: int = 0
+    end_step: int = 300                         # last pruning update; steps after it recover at s_f
+    frequency: int = 25                         # Δt: steps between mask updates
+    total_steps: int = 400
+    learning_rate: float = 5e-5
+    batch_size: int = 16
+    layers: tuple[str, ...] = ("*encoder*",)   # fnmatch over nn.Linear names (unstructured only)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.final_sparsity < 1.0:
+            raise StageError(f"prune.gradual: final_sparsity={self.final_sparsity} must be in (0, 1)")
+        if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
+            raise StageError(f"prune.gradual: initial_sparsity={self.initial_sparsity} must be in [0, final_sparsity]")
+        if self.granularity not in GRANULARITIES:
+            raise StageError(f"prune.gradual: granularity='{self.granularity}' is not one of {', '.join(GRANULARITIES)}")
+        if not 0 <= self.begin_step <= self.end_step <= self.total_steps or self.frequency < 1:
+            raise StageError("prune.gradual: need 0 <= begin_step <= end_step <= total_steps and frequency >= 1")
+        if self.learning_rate <= 0 or self.batch_size < 1:
+            raise StageError("prune.gradual: learning_rate must be > 0 and batch_size >= 1")
+
+
+def cubic_sparsity(step: int, cfg: GradualPrune) -> float:
+    """Sparsity target at an optimizer step (held at s_i before begin_step, s_f after end_step)."""
+    if step < cfg.begin_step:
+        return cfg.initial_sparsity
+    span = max(cfg.end_step - cfg.begin_step, 1)
+    done = min((step - cfg.begin_step) / span, 1.0)
+    return cfg.final_sparsity + (cfg.initial_sparsity - cfg.final_sparsity) * (1.0 - done) ** 3
+
+
+# ---- groups: what one mask entry covers --------------------------------------------------------------
+
+def _encoder(lm):
+    return lm.model[0].auto_model if lm.task == "sentence-embedding" else getattr(lm.model, lm.model.base_model_prefix)
+
+
+def _groups(lm, cfg: GradualPrune):
+    """(name, scores function, apply-mask function) per prunable unit set, one per layer."""
+    import torch
+
+    from compress.models import linear_layers
+
+    if cfg.granularity == "unstructured":
+        layers = linear_layers(lm, cfg.layers)
+        if not layers:
+            raise StageError(f"prune.gradual: no nn.Linear matches {list(cfg.layers)}")
+        return [(name, lambda m=mod: m.weight.detach().abs(), [(mod, None)]) for name, mod in layers.items()]
+    groups = []
+    for i, layer in enumerate(_encoder(lm).encoder.layer):
+        if cfg.granularity == "channel":
+            w1, w2 = layer.intermediate.dense, layer.output.dense
+            score = lambda w1=w1, w2=w2: w1.weight.detach().norm(dim=1) * w2.weight.detach().norm(dim=0)
+            groups.append((f"layer.{i}.ffn", score, [(w1, "rows"), (w2, "cols")]))
+        else:
+            att = layer.attention
+            heads, size = att.self.num_attention_heads, att.self.attention_head_size
+
+            def score(att=att, heads=heads, size=size):
+                rows = [getattr(att.self, k).weight.detach().reshape(heads, size, -1) for k in ("query", "key", "value")]
+                cols = att.output.dense.weight.detach().reshape(-1, heads, size).transpose(0, 1)
+                return sum(r.flatten(1).norm(dim=1) for r in rows) * cols.flatten(1).norm(dim=1)
+
+            groups.append((f"layer.{i}.heads", score, [(att.self.query, ("rows", size)), (att.self.key, ("rows", size)),
+                                                       (att.self.value, ("rows", size)), (att.output.dense, ("cols", size))]))
+    return groups
+
+
+def _expand(keep, how, weight):
+    """A unit-level keep vector -> a weight-shaped mask (rows or columns, optionally per head)."""
+    import torch
+
+    if how is None:
+        return keep
+    kind, size = (how, 1) if isinstance(how, str) else how
+    unit = keep.repeat_interleave(size)
+    return unit[:, None].expand_as(weight) if kind == "rows" else unit[None, :].expand_as(weight)
+
+
+def _update_masks(groups, sparsity: float) -> list[dict]:
+    """Per-layer threshold: in each group mask the lowest-scoring units until the group reaches ``sparsity``."""
+    import torch
+    from torch.nn.utils import prune as tprune
+
+    out = []
+    for name, score, targets in groups:
+        s = score().float()
+        k = int(round(sparsity * s.numel()))
+        keep = torch.ones_like(s, dtype=torch.bool).flatten()
+        if k > 0:
+            keep[s.flatten().argsort()[:k]] = False
+        keep = keep.reshape(s.shape)
+        for mod, how in targets:
+            mask = _expand(keep, how, mod.weight).to(mod.weight.dtype)
+            if tprune.is_pruned(mod):
+                mask = mask * mod.weight_mask                       # once pruned, stays pruned
+                tprune.remove(mod, "weight")
+            tprune.custom_from_mask(mod, "weight", mask)
+        out.append({"layer": name, "sparsity": round(1 - float(keep.float().mean()), 4)})
+    return out
+
+
+# ---- distillation --------------------------------------------------------------------------------------
+
+def _student_outputs(lm, enc):
+    if lm.task == "sentence-embedding":
+        return lm.model(dict(enc))["sentence_embedding"]
+    res = lm.model(**enc)
+    if lm.task == "text-classification":
+        return res.logits
+    m = enc["attention_mask"].unsqueeze(-1).to(res.last_hidden_state.dtype)
+    return (res.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def _distil_loss(student, teacher, task: str):
+    import torch.nn.functional as F
+
+    if task == "text-classification":
+        return F.mse_loss(student, teacher)
+    return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
+    """Drop the masked FFN neurons / heads so the exported matrices are smaller."""
+    import torch
+    from torch.nn.utils import prune as tprune
+
+    encoder = _encoder(lm)
+    removed = {}
+    if cfg.granularity == "channel":
+        kept_sizes = []
+        for i, layer in enumerate(encoder.encoder.layer):
+            w1, w2 = layer.intermediate.dense, layer.output.dense
+            keep = torch.nonzero(w1.weight_mask[:, 0] > 0).flatten()
+            for mod in (w1, w2):
+                tprune.remove(mod, "weight")
+            new1 = torch.nn.Linear(w1.in_features, len(keep))
+            new2 = torch.nn.Linear(len(keep), w2.out_features)
+            with torch.no_grad():
+                new1.weight.copy_(w1.weight[keep])
+                new1.bias.copy_(w1.bias[keep])
+                new2.weight.copy_(w2.weight[:, keep])
+                new2.bias.copy_(w2.bias)
+            layer.intermediate.dense, layer.output.dense = new1, new2
+            kept_sizes.append(len(keep))
+            removed[f"layer.{i}.ffn"] = w1.out_features - len(keep)
+        if len(set(kept_sizes)) == 1:
+            encoder.config.intermediate_size = kept_sizes[0]
+    else:
+        heads_to_prune = {}
+        for i, layer in enumerate(encoder.encoder.layer):
+            att = layer.attention
+            size = att.self.attention_head_size
+            keep_rows = att.self.query.weight_mask[:, 0] > 0
+            heads_to_prune[i] = [h for h in range(att.self.num_attention_heads) if not keep_rows[h * size]]
+            for mod in (att.self.query, att.self.key, att.self.value, att.output.dense):
+                tprune.remove(mod, "weight")
+            removed[f"layer.{i}.heads"] = len(heads_to_prune[i])
+        encoder.prune_heads({i: h for i, h in heads_to_prune.items() if h})   # transformers does the surgery
+    return removed
+
+
+def apply_gradual(cfg: GradualPrune, lm, ctx: TorchContext):
+    import torch
+    from torch.nn.utils import prune as tprune
+
+    from compress.models import torch_outputs
+
+    texts = list(ctx.calibration)
+    if len(texts) < cfg.batch_size:
+        raise StageError(f"prune.gradual: {len(texts)} training sentences < batch_size {cfg.batch_size}: pass --data")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))            # (N, D), fixed targets
+    groups = _groups(lm, cfg)
+    lm.model.train()
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    trajectory, t0, order, cursor = [], time.perf_counter(), rng.permutation(len(texts)), 0
+    updates = set(range(cfg.begin_step, cfg.end_step + 1, cfg.frequency)) | {cfg.end_step}
+    current = 0.0
+    for step in range(cfg.total_steps + 1):
+        if step in updates:                                                     # mask update every Δt steps
+            current = cubic_sparsity(step, cfg)
+            per_layer = _update_masks(groups, current)
+        if step == cfg.total_steps:
+            break
+        if cursor + cfg.batch_size > len(order):
+            order, cursor = rng.permutation(len(texts)), 0
+        idx = order[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        enc = lm.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length,
+                           return_tensors="pt")
+        loss = _distil_loss(_student_outputs(lm, enc), teacher[idx], lm.task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % max(cfg.total_steps // 20, 1) == 0 or step == cfg.total_steps - 1:
+            trajectory.append({"step": step, "loss": round(float(loss), 5), "sparsity": round(current, 4)})
+            if ctx.progress:
+                ctx.progress(f"  step {step + 1}/{cfg.total_steps}  loss {float(loss):.4f}  sparsity {current:.3f}")
+    lm.model.eval()
+    removed = _physically_remove(lm, cfg, groups) if cfg.granularity != "unstructured" else {}
+    if cfg.granularity == "unstructured":
+        for _, _, targets in groups:
+            for mod, _ in targets:
+                tprune.remove(mod, "weight")
+    speedup = ("none on ORT CPU (no sparse kernels): a size win only, after compression (zip / sparse storage)"
+               if cfg.granularity == "unstructured" else
+               "yes on every runtime: the matrices are physically smaller")
+    return lm, {"granularity": cfg.granularity, "final_sparsity": cfg.final_sparsity, "per_layer": per_layer,
+                "removed_units": removed, "expected_speedup": speedup, "trajectory": trajectory,
+                "training_minutes": round((time.perf_counter() - t0) / 60, 2), "steps": cfg.total_steps,
+                "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
+                "training_sentences": len(texts)}
