@@ -40,7 +40,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--shapes", default="1x128,8x128")
     ap.add_argument("--stsb", type=Path, default=STSB_DEV)
+    ap.add_argument("--replot", action="store_true", help="Redraw the plot from results/lowrank.json only.")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((RESULTS / "lowrank.json").read_text()), RESULTS / "lowrank.png")
+        return
     _quiet_libraries()
     if not args.stsb.is_file():
         raise SystemExit(f"STS-B dev not found at {args.stsb}: pass --stsb PATH")
@@ -126,26 +130,33 @@ def table(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
+    """Fidelity and activation-weighted error vs rank (STS-B dev barely moves under int4 on this model)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = out["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     for method, color in (("SVD", "tab:orange"), ("EORA", "tab:blue")):
-        pts = [(int(r["variant"].split(" r")[-1]), r["stsb_dev"]) for r in rows
-               if r["variant"].startswith(f"int4 + {method}")]
+        pts = sorted((int(r["variant"].split(" r")[-1]), r["fidelity"], r["error_after"]) for r in rows
+                     if r["variant"].startswith(f"int4 + {method}"))
         if pts:
-            ax.plot(*zip(*sorted(pts)), marker="o", color=color, label=f"int4 RTN + {method.replace('EORA', 'EoRA')}")
-    ax.axhline(rows[0]["stsb_dev"], color="gray", ls="--", label="fp32")
-    ax.axhline(rows[1]["stsb_dev"], color="red", ls=":", label="int4 RTN (no compensation)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rank r")
-    ax.set_ylabel("STS-B dev Spearman x100")
-    ax.set_title("MiniLM-L6 int4 weight-only: low-rank error compensation", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            label = f"int4 RTN + {method.replace('EORA', 'EoRA')}"
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", color=color, label=label)
+    int4 = next(r for r in rows if r["variant"] == "int4 RTN")
+    before = next(r["error_before"] for r in rows if "error_before" in r and r["variant"].startswith("int4"))
+    ax1.axhline(int4["fidelity"], color="red", ls=":", label="int4 RTN (no compensation)")
+    ax2.axhline(before, color="red", ls=":", label="int4 RTN (no compensation)")
+    for ax, ylabel in ((ax1, "fidelity: mean cosine to fp32 outputs"), (ax2, "activation-weighted error ||dW X|| / ||W X||")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("MiniLM-L6 int4 weight-only RTN: low-rank error compensation (higher left, lower right is better)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
