@@ -137,3 +137,18 @@ def test_cli_int4_eora_on_tiny_model(tiny_dirs, tmp_path):
     assert [s["name"] for s in rep["stages"]] == ["quant.int4", "lowrank.eora", "export.int4_pack"]
     assert rep["parity"]["compressed_float_export"]["passed"]
     assert Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)["MatMulNBits"] == 12
+
+
+def test_int4_eora_then_int8_lowrank_factors(tiny_dirs, tmp_path):
+    """quant.int4 -> lowrank.eora -> quant.dynamic: int4 weights packed, the thin A/B MatMuls in int8."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[stages]]\ntype = "quant.int4"\n[[stages]]\ntype = "lowrank.eora"\nrank = 4\n'
+                      'calibration_samples = 16\n[[stages]]\ntype = "quant.dynamic"\nop_types = ["MatMul"]\n')
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out),
+                                    "--runs", "3", "--shapes", "1x16"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    assert ops["MatMulNBits"] == 12 and ops["MatMulInteger"] >= 24
+    rep = json.loads((out / "report.json").read_text())
+    assert next(e for e in rep["eval"] if e["name"] == "fidelity")["compressed"] > 0.95
