@@ -236,5 +236,22 @@ def recipes() -> None:
         click.echo(f"  {name:<16} [{st.level}] {st.summary}\n  {'':<16} {params}")
 
 
+@main.command("apply-delta")
+@click.argument("base")
+@click.argument("delta", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the rebuilt model.")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+def apply_delta(base, delta, out, force) -> None:
+    """Rebuild a fine-tuned model from BASE plus a DELTA file (delta.safetensors written by prune.delta)."""
+    from compress.delta_io import apply_delta as rebuild
+
+    try:
+        res = rebuild(base, delta, out, force=force)
+    except CompressError as e:
+        _fail(e)
+    click.echo(f"rebuilt {res['task']} model: {base} + {res['entries']} delta entries in {res['tensors']} tensors "
+               f"({res['method']}, p={res['p']}) -> {res['out']}/ (load it with compress run {res['out']})")
+
+
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from compress.stages.base import OnnxContext, StageError, StageType, TorchContext
+from compress.stages.delta import DeltaPrune, apply_delta_prune
 from compress.stages.graph import GraphOptimize, apply_graph_optimize
 from compress.stages.int4 import Int4Quant, apply_int4
 from compress.stages.lowrank import LowRank, apply_eora, apply_svd
@@ -18,6 +19,9 @@ REGISTRY: dict[str, StageType] = {
                                "recovered by distillation"),
     "prune.nm": StageType("prune.nm", "torch", NMPrune, apply_nm,
                           "N:M sparsity by magnitude, one shot (no retraining)"),
+    "prune.delta": StageType("prune.delta", "torch", DeltaPrune, apply_delta_prune,
+                             "delta-parameter pruning against --base (DARE, DAREx-q, magnitude, importance); "
+                             "writes delta.safetensors"),
     "lowrank.eora": StageType("lowrank.eora", "torch", LowRank, apply_eora,
                               "EoRA: low-rank compensation of the compression error in the activation eigenspace"),
     "lowrank.svd": StageType("lowrank.svd", "torch", LowRank, apply_svd,

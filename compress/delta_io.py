@@ -1,0 +1,202 @@
+"""The deployable delta: the kept entries of θ_ft − θ_base in one safetensors file, and the rebuild base + delta.
+
+File layout (``delta.safetensors``), per pruned tensor NAME (a state_dict key of the model):
+  ``NAME.indices``  flat positions in the tensor, int32 (int64 for tensors of 2^31+ entries)   (k,)
+  ``NAME.values``   what is added at those positions (already rescaled), float32 or float16      (k,)
+plus one metadata entry ``compress.delta``: JSON with format, method, p, q, seed, base, task, model_type,
+shapes (every floating-point tensor of the model, for the architecture check) and base_sha256 (the
+fingerprint of the base weights the delta was made against, so a wrong base is refused, not silently used).
+
+The stage (``compress.stages.delta``) and ``apply_delta`` add a delta with the same function
+(``add_delta``), so a rebuilt model is bit-identical to the one the stage produced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from compress.errors import CompressError
+
+FORMAT = "compress.delta/1"
+META_KEY = "compress.delta"
+INDEX_SUFFIX, VALUE_SUFFIX = ".indices", ".values"
+
+# name -> (flat indices (k,), values (k,), full tensor shape)
+Kept = dict[str, tuple[Any, Any, tuple[int, ...]]]
+
+
+def delta_tensors(model) -> dict[str, Any]:
+    """The floating-point tensors of a module's state_dict, by name; integer buffers (position ids) are skipped.
+
+    Tensors sharing storage (tied weights) appear once, under their first name, so a delta is never added twice.
+    """
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        if not t.dtype.is_floating_point:
+            continue
+        key = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def first_mismatch(expected: dict[str, tuple[int, ...]], tensors: dict[str, Any], actual: str = "the base",
+                   wanted: str = "the delta") -> str | None:
+    """The first difference in names or shapes between two models' floating-point tensors, in words; None if none."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            return f"{name} is in {wanted} but not in {actual}"
+        if tuple(tensors[name].shape) != tuple(shape):
+            return f"{name} is {list(tensors[name].shape)} in {actual} but {list(shape)} in {wanted}"
+    extra = [n for n in tensors if n not in expected]
+    return f"{extra[0]} is in {actual} but not in {wanted}" if extra else None
+
+
+def fingerprint(tensors: dict[str, Any]) -> str:
+    """sha256 over names, dtypes, shapes and raw bytes of the tensors (in name order)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def add_delta(base, indices, values):
+    """base + delta as a new tensor of base's dtype and shape; the addition is done in float32."""
+    out = base.detach().float().reshape(-1).clone()
+    out[indices.long()] += values.float()
+    return out.reshape(base.shape).to(base.dtype)
+
+
+def save_delta(path: str | Path, kept: Kept, metadata: dict) -> int:
+    """Write the kept entries and metadata to ``path`` (atomically); returns the file's size in bytes."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {}
+    for name, (idx, vals, shape) in kept.items():
+        tensors[name + INDEX_SUFFIX] = idx.contiguous()
+        tensors[name + VALUE_SUFFIX] = vals.contiguous()
+    meta = {"format": FORMAT, **metadata, "kept_shapes": {n: list(s) for n, (_, _, s) in kept.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        # One metadata key: safetensors writes a multi-key map in no fixed order, and the same seed must give
+        # the same bytes.
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def load_delta(path: str | Path) -> tuple[Kept, dict]:
+    """(kept, metadata) from a file written by ``save_delta``; anything else is refused with one line."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"delta file {path} not found: pass the delta.safetensors a prune.delta run wrote")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CompressError(f"{path} is not a readable safetensors file ({type(e).__name__}): "
+                            "pass the delta.safetensors a prune.delta run wrote") from None
+    try:
+        meta = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CompressError(f"{path} is not a delta file written by prune.delta (no '{META_KEY}' metadata "
+                            f"of format {FORMAT}): pass the delta.safetensors a prune.delta run wrote")
+    kept: Kept = {}
+    for name, shape in meta["kept_shapes"].items():
+        idx, vals = tensors.get(name + INDEX_SUFFIX), tensors.get(name + VALUE_SUFFIX)
+        if idx is None or vals is None or idx.shape != vals.shape:
+            raise CompressError(f"{path} is damaged: indices/values of {name} are missing or differ in length; "
+                                "re-create it with compress run --recipe delta-...")
+        kept[name] = (idx, vals, tuple(shape))
+    return kept, meta
+
+
+def apply_kept(tensors: dict[str, Any], base: dict[str, Any], kept: Kept) -> None:
+    """Set every tensor to base + its kept delta (tensors without a kept entry are set to base)."""
+    import torch
+
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name in kept:
+                idx, vals, _ = kept[name]
+                t.copy_(add_delta(base[name], idx, vals))
+            else:
+                t.copy_(base[name])
+
+
+def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: bool = False) -> dict:
+    """Rebuild the fine-tuned model as base + delta and save it to ``out_dir`` (loadable by ``compress run``).
+
+    The folder is written as a temporary sibling and renamed into place: a failure leaves nothing behind, and
+    an existing non-empty ``out_dir`` is replaced only with ``force``.
+    """
+    from compress.models import load_model
+    from compress.pipeline import check_out_dir
+
+    out = Path(out_dir)
+    kept, meta = load_delta(delta_path)
+    check_out_dir(out, force)
+    lm = load_model(base, meta.get("task"))
+    tensors = delta_tensors(lm.model)
+    made_from = meta.get("base") or "the base it was made from"
+    mismatch = first_mismatch({n: tuple(s) for n, s in meta["shapes"].items()}, tensors)
+    if mismatch:
+        raise CompressError(f"delta {delta_path} was made for a different architecture ({mismatch}): "
+                            f"pass the base model it was made from ({made_from})")
+    for name, (idx, _, shape) in kept.items():
+        if len(idx) and int(idx.max()) >= tensors[name].numel():
+            raise CompressError(f"delta {delta_path} is damaged: an index of {name} is out of range; re-create it")
+    if meta.get("base_sha256") and fingerprint(tensors) != meta["base_sha256"]:
+        raise CompressError(f"the weights of {base} differ from the base the delta was made against: "
+                            f"pass the exact base model ({made_from}), not another checkpoint of the same architecture")
+    apply_kept(tensors, tensors, kept)          # add_delta builds each new tensor before it is copied in
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if lm.task == "sentence-embedding":
+            lm.model.save(str(staging))
+        else:
+            lm.model.save_pretrained(staging)
+            lm.tokenizer.save_pretrained(staging)
+        _commit(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    entries = sum(len(i) for i, _, _ in kept.values())
+    return {"out": str(out), "task": lm.task, "tensors": len(kept), "entries": entries,
+            "method": meta.get("method"), "p": meta.get("p"), "q": meta.get("q")}
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an old one (allowed by force) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
