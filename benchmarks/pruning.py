@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--train-sentences", type=int, default=4000)
     ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--only", default="", help="Comma-separated variant names to run (default: all); dense always runs.")
     args = ap.parse_args()
     _quiet_libraries()
     dev, train = STSB / "sts-dev.csv", STSB / "sts-train.csv"
@@ -65,7 +66,10 @@ def main() -> None:
     rows, paths = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        only = {v.strip() for v in args.only.split(",") if v.strip()}
         for i, (name, stages) in enumerate(variants(args.steps)):
+            if only and name != "dense" and name not in only:
+                continue
             t0 = time.perf_counter()
             recipe = parse_recipe({"stages": stages}, name, "benchmark")
             lm, reports = apply_torch_stages(list(recipe.stages), copy.deepcopy(lm0), text,
@@ -96,7 +100,7 @@ def main() -> None:
            "train_sentences": len(text),
            "latency": {k: [dataclasses.asdict(x) for x in v] for k, v in lat.items()},
            "command": f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
-                      f"--runs {args.runs}", "minutes": round((time.perf_counter() - t_start) / 60, 1)}
+                      f"--runs {args.runs}" + (f" --only '{args.only}'" if args.only else ""), "minutes": round((time.perf_counter() - t_start) / 60, 1)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "pruning.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / "pruning.md").write_text(table(out))

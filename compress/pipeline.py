@@ -117,6 +117,9 @@ def prepare(cfg: RunConfig) -> Prepared:
     check_out_dir(out, cfg.force)
     if cfg.data is not None:
         read_texts(cfg.data)
+    for spec in recipe.stages:          # fail before any heavy work, not after the export
+        if spec.name == "prune.delta" and not getattr(spec.config, "base", "") and not cfg.base:
+            raise CompressError("prune.delta needs the base model: pass --base MODEL or set base in the recipe")
     return Prepared(recipe, profile, out)
 
 

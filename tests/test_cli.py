@@ -143,3 +143,9 @@ def test_classifier_run_with_accuracy_eval(tiny_dirs, tmp_path):
     assert 0 <= acc["original"] <= 100 and 0 <= acc["compressed"] <= 100 and acc["metric"] == "accuracy %"
     res = _run(["run", str(tiny_dirs["classifier"]), "--eval", f"stsb:{data}", "--out", str(tmp_path / "x")] + FAST)
     _one_line_error(res, "stsb needs an embedding model")
+
+
+def test_delta_recipe_without_base_fails_before_any_work(tmp_path):
+    res = _run(["run", "minilm", "--recipe", "delta-90", "--out", str(tmp_path / "o")] + FAST)
+    _one_line_error(res, "--base")
+    assert list(tmp_path.iterdir()) == []
