@@ -135,7 +135,7 @@ def markdown(res: dict) -> str:
         f"{res['delta']['max_abs_delta']:.3g}, {res['delta']['changed_fraction'] * 100:.1f} % of the "
         f"{res['delta']['params'] / 1e6:.1f} M entries changed.",
         "",
-        f"| model | method | p | STS-B dev Spearman x100 (mean ± std) | runs | q | delta file, % of fp32 model |",
+        "| model | method | p | STS-B dev Spearman x100 (mean ± std) | runs | q | delta file, % of fp32 model |",
         "|---|---|---|---|---|---|---|",
         f"| base (`minilm`) | - | - | {res['base_stsb']:.2f} | 1 | - | - |",
         f"| fine-tuned | - | - | {res['finetuned_stsb']:.2f} | 1 | - | - |",

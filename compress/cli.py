@@ -131,7 +131,7 @@ def _summary(report: dict) -> str:
 @click.option("--estimate", is_flag=True, help="Analytic roofline from the target's profile instead of a measurement.")
 def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimate) -> None:
     """Measure an existing artefact folder or .onnx file on a target (or estimate it with --estimate)."""
-    from compress.pipeline import load_target, resolve_target
+    from compress.pipeline import resolve_target
     from runtimes.host import host_info
     from runtimes.profiler import measure_latency, op_breakdown
 

@@ -154,7 +154,7 @@ def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: b
     an existing non-empty ``out_dir`` is replaced only with ``force``.
     """
     from compress.models import load_model
-    from compress.pipeline import check_out_dir
+    from compress.pipeline import check_out_dir, commit_folder
 
     out = Path(out_dir)
     kept, meta = load_delta(delta_path)
@@ -182,21 +182,10 @@ def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: b
         else:
             lm.model.save_pretrained(staging)
             lm.tokenizer.save_pretrained(staging)
-        _commit(staging, out)
+        commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     entries = sum(len(i) for i, _, _ in kept.values())
     return {"out": str(out), "task": lm.task, "tensors": len(kept), "entries": entries,
             "method": meta.get("method"), "p": meta.get("p"), "q": meta.get("q")}
-
-
-def _commit(staging: Path, out: Path) -> None:
-    """Rename the finished folder into place; an old one (allowed by force) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()

@@ -141,7 +141,7 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
     return np.concatenate(out)
 
 
-def linear_layers(lm: LoadedModel, patterns: tuple[str, ...]) -> dict[str, "torch.nn.Linear"]:
+def linear_layers(lm: LoadedModel, patterns: tuple[str, ...]) -> dict:
     """nn.Linear modules whose qualified names match any fnmatch pattern, in module order."""
     import fnmatch
 

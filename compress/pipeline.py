@@ -146,14 +146,14 @@ def run(cfg: RunConfig, progress: Progress = lambda msg: None,
         from compress.report import write_report
 
         write_report(report, staging)
-        _commit(staging, prep.out)
+        commit_folder(staging, prep.out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return prep.out, report
 
 
-def _commit(staging: Path, out: Path) -> None:
+def commit_folder(staging: Path, out: Path) -> None:
     """Rename the finished folder into place; an old one (allowed by --force) is removed only after."""
     old = None
     if out.exists():
@@ -293,7 +293,6 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
     for spec in evals:
         progress(f"evaluating {spec}")
         results.append(evaluate(spec, encode_orig, encode_comp, heldout))
-    del sess_orig, sess_comp
 
     shapes = ", ".join(str(s) for s in cfg.latency.shapes)
     progress(f"measuring latency on the CPU ({shapes}; {cfg.latency.runs} runs each, original and compressed interleaved)")

@@ -1,6 +1,5 @@
 """The command line on bad input: one line, non-zero exit, nothing written; and the listing commands."""
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

@@ -3,9 +3,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 
-from compress.models import load_model, torch_outputs
+from compress.models import load_model
 from export.onnx_export import TOKEN_OUTPUT, _export_with_torch, export_onnx
 from export.verify import compare, verify_against_torch
 from runtimes.encode import ort_outputs

@@ -6,7 +6,7 @@ import torch
 
 from compress.data import calibration_and_heldout, shipped_sentences
 from compress.errors import CompressError
-from compress.models import linear_layers, load_model, torch_outputs
+from compress.models import linear_layers, load_model
 from compress.pipeline import apply_torch_stages
 from compress.recipe import parse_recipe
 from compress.stages.prune import GradualPrune, cubic_sparsity

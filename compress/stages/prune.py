@@ -69,8 +69,6 @@ def _encoder(lm):
 
 def _groups(lm, cfg: GradualPrune):
     """(name, scores function, apply-mask function) per prunable unit set, one per layer."""
-    import torch
-
     from compress.models import linear_layers
 
     if cfg.granularity == "unstructured":
@@ -100,8 +98,6 @@ def _groups(lm, cfg: GradualPrune):
 
 def _expand(keep, how, weight):
     """A unit-level keep vector -> a weight-shaped mask (rows or columns, optionally per head)."""
-    import torch
-
     if how is None:
         return keep
     kind, size = (how, 1) if isinstance(how, str) else how
