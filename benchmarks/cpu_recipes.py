@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from _results import save
 from compress.cli import _quiet_libraries
 
 CANDIDATES = ("fp32", "fused", "dynamic-int8", "fused-dynamic-int8", "static-int8", "fused-static-int8")
 STSB_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "sts-dev.csv"
-RESULTS = Path(__file__).parent / "results"
 MAX_STSB_DROP = 0.5     # cpu-default = the fastest candidate at batch 1 within this many Spearman points of fp32
 
 
@@ -89,11 +88,7 @@ def main() -> None:
            "rule": f"fastest p50 at {shapes[0]} within {MAX_STSB_DROP} STS-B dev points of fp32", "best": best,
            "minutes": round((time.perf_counter() - t_start) / 60, 1),
            "command": "python benchmarks/cpu_recipes.py " + f"--runs {args.runs} --shapes {args.shapes}"}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_recipes.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "cpu_recipes.md").write_text(table(out))
-    plot(out, RESULTS / "cpu_recipes.png")
-    print(table(out))
+    save("cpu_recipes", out, table, plot)
 
 
 def table(out: dict) -> str:

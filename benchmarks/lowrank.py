@@ -17,10 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import RESULTS, save
 from compress.cli import _quiet_libraries
 
 STSB_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb" / "sts-dev.csv"
-RESULTS = Path(__file__).parent / "results"
 
 
 def variants(ranks: list[int]) -> list[tuple[str, list[dict]]]:
@@ -108,11 +108,7 @@ def main() -> None:
            "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in lat.items()},
            "command": f"python benchmarks/lowrank.py --ranks {args.ranks} --runs {args.runs} --shapes {args.shapes}",
            "minutes": round((time.perf_counter() - t_start) / 60, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lowrank.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "lowrank.md").write_text(table(out))
-    plot(out, RESULTS / "lowrank.png")
-    print(table(out))
+    save("lowrank", out, table, plot)
 
 
 def table(out: dict) -> str:

@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
 
+from _results import save
 from compress.cli import _quiet_libraries
 
 STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
-RESULTS = Path(__file__).parent / "results"
 
 
 def variants(steps: int) -> list[tuple[str, list[dict]]]:
@@ -101,10 +100,7 @@ def main() -> None:
            "latency": {k: [dataclasses.asdict(x) for x in v] for k, v in lat.items()},
            "command": f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
                       f"--runs {args.runs}" + (f" --only '{args.only}'" if args.only else ""), "minutes": round((time.perf_counter() - t_start) / 60, 1)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pruning.json").write_text(json.dumps(out, indent=2) + "\n")
-    (RESULTS / "pruning.md").write_text(table(out))
-    print(table(out))
+    save("pruning", out, table)
 
 
 def table(out: dict) -> str:

@@ -68,7 +68,7 @@ def _encoder(lm):
 
 
 def _groups(lm, cfg: GradualPrune):
-    """(name, scores function, apply-mask function) per prunable unit set, one per layer."""
+    """(name, unit-score function, [(module, how the unit mask expands onto its weight)]) per layer."""
     from compress.models import linear_layers
 
     if cfg.granularity == "unstructured":

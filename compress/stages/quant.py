@@ -23,7 +23,7 @@ CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percenti
 def _reduce_range(setting: str, ctx: OnnxContext) -> bool:
     # ORT's docs suggest 7-bit weights on hosts without VNNI (u8s8 vpmaddubsw can saturate): "auto" does that.
     # The default is "false": on MiniLM (AVX2, no VNNI) reduce_range cut fidelity from 0.964 to 0.880 per-tensor
-    # and 0.992 -> 0.992 per-channel, so it bought nothing here (benchmarks/cpu_recipes.py).
+    # and left per-channel at 0.992, so it bought nothing here (benchmarks/quant_ablation.py).
     return (not ctx.host.has_vnni) if setting == "auto" else setting == "true"
 
 
@@ -90,8 +90,8 @@ def _weight_nodes(path: Path, op_types: tuple[str, ...], exclude: tuple[str, ...
     """Names of the nodes to quantize: MatMuls whose B is a weight, plus the other listed op types,
     minus the nodes matching an ``exclude`` pattern.
 
-    ORT's QDQ MatMul ignores the ``MatMulConstBOnly`` option, so the activation x activation attention
-    MatMuls (QK^T, PV) would be quantized too; on MiniLM that cut fidelity to 0.93 (0.993 without them).
+    ORT's QDQ MatMul ignores the ``MatMulConstBOnly`` option, so without this list the activation x
+    activation attention MatMuls (QK^T, PV) would be quantized too.
     """
     if not op_types:
         return None
