@@ -88,7 +88,7 @@ def test_nm_mask_pattern():
 
 @pytest.mark.parametrize("stage, pattern", [
     ({"type": "prune.nm", "n": 4, "m": 2}, "1 <= n < m"),
-    ({"type": "prune.nm", "n": 2, "m": 4, "method": "srste"}, "not available"),
+    ({"type": "prune.nm", "n": 2, "m": 4, "method": "magnitude"}, "not available"),
     ({"type": "lowrank.eora", "rank": 0}, "rank=0"),
     ({"type": "lowrank.eora", "explained": 1.0}, "explained"),
     ({"type": "quant.int4", "block_size": 24}, "block_size"),

@@ -18,7 +18,8 @@ REGISTRY: dict[str, StageType] = {
                                "gradual magnitude pruning (cubic schedule), unstructured / FFN channel / head, "
                                "recovered by distillation"),
     "prune.nm": StageType("prune.nm", "torch", NMPrune, apply_nm,
-                          "N:M sparsity by magnitude, one shot (no retraining)"),
+                          "N:M sparsity: one-shot magnitude, or trained with progressive gradient flow (MDGF / SDGF) "
+                          "or SR-STE, recovered by distillation"),
     "prune.delta": StageType("prune.delta", "torch", DeltaPrune, apply_delta_prune,
                              "delta-parameter pruning against --base (DARE, DAREx-q, magnitude, importance); "
                              "writes delta.safetensors"),

@@ -15,12 +15,13 @@ Granularities:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from compress.stages.base import StageError, TorchContext
+from compress.stages.distil import distil_loss, distil_train, student_outputs
+
+# Older names, still imported by compress/stages/mixed.py; the code lives in compress/stages/distil.py.
+_student_outputs, _distil_loss = student_outputs, distil_loss
 
 GRANULARITIES = ("unstructured", "channel", "head")
 
@@ -128,26 +129,6 @@ def _update_masks(groups, sparsity: float) -> list[dict]:
     return out
 
 
-# ---- distillation --------------------------------------------------------------------------------------
-
-def _student_outputs(lm, enc):
-    if lm.task == "sentence-embedding":
-        return lm.model(dict(enc))["sentence_embedding"]
-    res = lm.model(**enc)
-    if lm.task == "text-classification":
-        return res.logits
-    m = enc["attention_mask"].unsqueeze(-1).to(res.last_hidden_state.dtype)
-    return (res.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
-
-
-def _distil_loss(student, teacher, task: str):
-    import torch.nn.functional as F
-
-    if task == "text-classification":
-        return F.mse_loss(student, teacher)
-    return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-
-
 def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
     """Drop the masked FFN neurons / heads so the exported matrices are smaller."""
     import torch
@@ -189,45 +170,20 @@ def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
 
 
 def apply_gradual(cfg: GradualPrune, lm, ctx: TorchContext):
-    import torch
     from torch.nn.utils import prune as tprune
 
-    from compress.models import torch_outputs
-
-    texts = list(ctx.calibration)
-    if len(texts) < cfg.batch_size:
-        raise StageError(f"prune.gradual: {len(texts)} training sentences < batch_size {cfg.batch_size}: pass --data")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))            # (N, D), fixed targets
     groups = _groups(lm, cfg)
-    lm.model.train()
-    params = [p for p in lm.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    trajectory, t0, order, cursor = [], time.perf_counter(), rng.permutation(len(texts)), 0
     updates = set(range(cfg.begin_step, cfg.end_step + 1, cfg.frequency)) | {cfg.end_step}
-    current = 0.0
-    for step in range(cfg.total_steps + 1):
+    state = {"sparsity": 0.0, "per_layer": []}
+
+    def before_step(step: int) -> dict:
         if step in updates:                                                     # mask update every Δt steps
-            current = cubic_sparsity(step, cfg)
-            per_layer = _update_masks(groups, current)
-        if step == cfg.total_steps:
-            break
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = rng.permutation(len(texts)), 0
-        idx = order[cursor:cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        enc = lm.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length,
-                           return_tensors="pt")
-        loss = _distil_loss(_student_outputs(lm, enc), teacher[idx], lm.task)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % max(cfg.total_steps // 20, 1) == 0 or step == cfg.total_steps - 1:
-            trajectory.append({"step": step, "loss": round(float(loss), 5), "sparsity": round(current, 4)})
-            if ctx.progress:
-                ctx.progress(f"  step {step + 1}/{cfg.total_steps}  loss {float(loss):.4f}  sparsity {current:.3f}")
-    lm.model.eval()
+            state["sparsity"] = cubic_sparsity(step, cfg)
+            state["per_layer"] = _update_masks(groups, state["sparsity"])
+        return {"sparsity": round(state["sparsity"], 4)}
+
+    training = distil_train(lm, ctx, stage="prune.gradual", steps=cfg.total_steps, learning_rate=cfg.learning_rate,
+                            batch_size=cfg.batch_size, seed=cfg.seed, before_step=before_step)
     removed = _physically_remove(lm, cfg, groups) if cfg.granularity != "unstructured" else {}
     if cfg.granularity == "unstructured":
         for _, _, targets in groups:
@@ -236,8 +192,5 @@ def apply_gradual(cfg: GradualPrune, lm, ctx: TorchContext):
     speedup = ("none on ORT CPU (no sparse kernels): a size win only, after compression (zip / sparse storage)"
                if cfg.granularity == "unstructured" else
                "yes on every runtime: the matrices are physically smaller")
-    return lm, {"granularity": cfg.granularity, "final_sparsity": cfg.final_sparsity, "per_layer": per_layer,
-                "removed_units": removed, "expected_speedup": speedup, "trajectory": trajectory,
-                "training_minutes": round((time.perf_counter() - t0) / 60, 2), "steps": cfg.total_steps,
-                "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
-                "training_sentences": len(texts)}
+    return lm, {"granularity": cfg.granularity, "final_sparsity": cfg.final_sparsity, "per_layer": state["per_layer"],
+                "removed_units": removed, "expected_speedup": speedup, **training}

@@ -1,0 +1,90 @@
+"""Recovery by distillation from the original model on unlabelled text, shared by the training stages
+(``prune.gradual``, ``prune.nm``).
+
+The teacher is the untouched original (``ctx.original``); its outputs on the training text are computed
+once and kept fixed. Loss: cosine distance on the sentence embedding / mean-pooled hidden state, MSE on
+classifier logits. The student trains with AdamW (no weight decay, so pruned weights are not pulled
+anywhere by it); the caller hooks in before each step (mask / schedule updates) and after each optimizer
+step (re-applying a fixed mask). No task loss: the stages see unlabelled text only.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from compress.stages.base import StageError, TorchContext
+
+Status = dict[str, "float | int | str"]
+
+
+def student_outputs(lm, enc):
+    if lm.task == "sentence-embedding":
+        return lm.model(dict(enc))["sentence_embedding"]
+    res = lm.model(**enc)
+    if lm.task == "text-classification":
+        return res.logits
+    m = enc["attention_mask"].unsqueeze(-1).to(res.last_hidden_state.dtype)
+    return (res.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def distil_loss(student, teacher, task: str):
+    import torch.nn.functional as F
+
+    if task == "text-classification":
+        return F.mse_loss(student, teacher)
+    return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def _show(status: Status) -> str:
+    return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in status.items())
+
+
+def distil_train(lm, ctx: TorchContext, *, stage: str, steps: int, learning_rate: float, batch_size: int, seed: int,
+                 before_step: Callable[[int], Status], after_step: Callable[[int], None] | None = None) -> dict:
+    """Train ``lm`` in place for ``steps`` optimizer steps on ``ctx.calibration``.
+
+    ``before_step(step)`` runs before every step and once more at ``step == steps`` (a last schedule update);
+    it returns the status shown in progress lines and the trajectory (e.g. current sparsity).
+    ``after_step(step)`` runs after every optimizer step. Seeds torch and the batch order from ``seed``.
+    """
+    import torch
+
+    from compress.models import torch_outputs
+
+    texts = list(ctx.calibration)
+    if len(texts) < batch_size:
+        raise StageError(f"{stage}: {len(texts)} training sentences < batch_size {batch_size}: pass --data")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))            # (N, D), fixed targets
+    lm.model.train()
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    trajectory, t0, order, cursor = [], time.perf_counter(), rng.permutation(len(texts)), 0
+    for step in range(steps + 1):
+        status = before_step(step)
+        if step == steps:
+            break
+        if cursor + batch_size > len(order):
+            order, cursor = rng.permutation(len(texts)), 0
+        idx = order[cursor:cursor + batch_size]
+        cursor += batch_size
+        enc = lm.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length,
+                           return_tensors="pt")
+        loss = distil_loss(student_outputs(lm, enc), teacher[idx], lm.task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after_step:
+            after_step(step)
+        if step % max(steps // 20, 1) == 0 or step == steps - 1:
+            value = loss.item()
+            trajectory.append({"step": step, "loss": round(value, 5), **status})
+            if ctx.progress:
+                ctx.progress(f"  step {step + 1}/{steps}  loss {value:.4f}  {_show(status)}")
+    lm.model.eval()
+    return {"trajectory": trajectory, "training_minutes": round((time.perf_counter() - t0) / 60, 2), "steps": steps,
+            "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
+            "training_sentences": len(texts)}
