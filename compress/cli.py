@@ -83,30 +83,38 @@ def _fail(e: Exception) -> None:
 @click.option("--recipe", default="cpu-default", show_default=True, help="Shipped recipe name or .toml path.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default runs/MODEL-RECIPE-TARGET).")
 @click.option("--eval", "evals", multiple=True, help="stsb:PATH, fidelity, accuracy:PATH (repeatable; default fidelity).")
-@click.option("--task", type=click.Choice(["sentence-embedding", "feature-extraction", "text-classification"]),
+@click.option("--task", type=click.Choice(["sentence-embedding", "feature-extraction", "text-classification",
+                                           "text-generation", "text2text-generation"]),
               help="Override the task read from the model's config.")
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration text (.txt/.jsonl/.csv); default: shipped sentences.")
 @click.option("--base", help="The base model MODEL was fine-tuned from (for delta stages): minilm, a folder or a hub id.")
 @click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
 @click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
+@click.option("--new-tokens", default=32, show_default=True, help="Generative models: tokens generated per timed run.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threads, force) -> None:
+def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threads, force, new_tokens) -> None:
     """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
     from compress.pipeline import RunConfig, run as run_pipeline
 
     cfg = RunConfig(model=model, target=target, recipe=recipe, out=out, evals=tuple(evals) or ("fidelity",),
-                    task=task, data=data, base=base, force=force, latency=_latency_config(shapes, runs, threads))
+                    task=task, data=data, base=base, force=force, latency=_latency_config(shapes, runs, threads),
+                    new_tokens=new_tokens)
     try:
         folder, report = run_pipeline(cfg, progress=_Clock(), on_latency=_latency_progress())
     except CompressError as e:
         _fail(e)
     click.echo("")
     click.echo(_summary(report))
-    click.echo(f"\nartefact and reports: {folder}/ (model.onnx, report.json, report.md, plot.png)")
+    files = report.get("files", ["model.onnx", "report.json", "report.md", "plot.png"])
+    click.echo(f"\nartefact and reports: {folder}/ ({', '.join(files)})")
 
 
 def _summary(report: dict) -> str:
+    if report.get("kind") == "generative":
+        from compress.generative import summary
+
+        return summary(report)
     lines = [f"{report['model']['name']} -> {report['target']['name']} with recipe {report['recipe']['name']}"]
     roof = report.get("roofline", {}).get("compressed", [])
     for i, (c, b) in enumerate(zip(report["latency"], report["baseline_latency"])):
@@ -129,7 +137,8 @@ def _summary(report: dict) -> str:
 @click.option("--threads", default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
 @click.option("--estimate", is_flag=True, help="Analytic roofline from the target's profile instead of a measurement.")
-def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimate) -> None:
+@click.option("--new-tokens", default=32, show_default=True, help="Generative folders: tokens generated per timed run.")
+def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimate, new_tokens) -> None:
     """Measure an existing artefact folder or .onnx file on a target (or estimate it with --estimate)."""
     from compress.pipeline import resolve_target
     from runtimes.host import host_info
@@ -138,6 +147,11 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimat
     cfg = _latency_config(shapes, runs, threads)
     if estimate:
         _estimate_cmd(artifact, load_target_or_fail(target), cfg.shapes, json_out)
+        return
+    from export.generative import artifact_kind
+
+    if artifact_kind(artifact) is not None:        # decoder-only / encoder-decoder folder: TTFT and tokens/s
+        _profile_generative(artifact, target, baseline, cfg, new_tokens, json_out)
         return
     try:
         resolve_target(target)
@@ -162,6 +176,36 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimat
     if json_out:
         data = {"host": host.as_dict(), "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in res.items()},
                 "ops": ops, "models": {k: str(v) for k, v in models.items()}}
+        json_out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _profile_generative(artifact: Path, target: str, baseline, cfg, new_tokens: int, json_out) -> None:
+    from compress.generative import gen_profile_config, profile_folders, profile_lines
+    from compress.pipeline import resolve_target
+    from export.generative import artifact_kind
+    from runtimes.host import host_info
+
+    try:
+        resolve_target(target)
+        gen_cfg = gen_profile_config(cfg.shapes, cfg.runs, cfg.threads, new_tokens)
+        models = {"artifact": artifact}
+        if baseline is not None:
+            if artifact_kind(baseline) != artifact_kind(artifact):
+                raise CompressError(f"--baseline {baseline} is not the same kind of generative folder as {artifact}")
+            models["baseline"] = baseline
+        _Clock()(f"measuring {', '.join(str(p) for p in models.values())} ({artifact_kind(artifact)}; batch x input "
+                 f"{', '.join(str(p) for p in gen_cfg.points)}; {new_tokens} new tokens; {cfg.runs} runs each)")
+        res, rss = profile_folders(models, gen_cfg, on_progress=_latency_progress())
+    except (CompressError, ValueError) as e:
+        _fail(e)
+    host = host_info()
+    click.echo(f"host: {host.summary()}")
+    for line in profile_lines(res, rss):
+        click.echo(line)
+    if json_out:
+        data = {"host": host.as_dict(), "kind": artifact_kind(artifact), "peak_rss": rss,
+                "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in res.items()},
+                "models": {k: str(v) for k, v in models.items()}}
         json_out.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -85,8 +85,8 @@ def detect_task(path: Path) -> Task:
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "text-classification"
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-        raise CompressError(f"{path} is a generative model ({archs[0]}); causal LM / seq2seq support is not built yet: "
-                            "pass --task feature-extraction to compress its encoder as a feature extractor")
+        raise CompressError(f"{path} is a generative model ({archs[0]}): compress run takes it on the generative path "
+                            "(compress.generative); pass --task feature-extraction to compress it as a feature extractor")
     return "feature-extraction"
 
 

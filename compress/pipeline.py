@@ -39,6 +39,7 @@ class RunConfig:
     base: str | None = None        # the base model a fine-tuned MODEL came from (delta stages)
     force: bool = False
     latency: ProfileConfig = field(default_factory=ProfileConfig)
+    new_tokens: int = 32           # generative models: tokens generated per timed run (compress.generative)
 
 
 def default_out(cfg: RunConfig) -> Path:
@@ -127,6 +128,11 @@ def run(cfg: RunConfig, progress: Progress = lambda msg: None,
         on_latency: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
     """Run a recipe end to end; returns (output folder, report dict)."""
     prep = prepare(cfg)
+    from compress.generative import generative_task, run_generative
+
+    kind = generative_task(cfg.model, cfg.task)
+    if kind is not None:             # causal LM / seq2seq: the generative path, beside this one
+        return run_generative(cfg, prep, kind, progress, on_latency)
     t_start = time.perf_counter()
     progress(f"loading {cfg.model}")
     lm = load_model(cfg.model, cfg.task)

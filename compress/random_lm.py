@@ -1,0 +1,93 @@
+"""Generative models without downloads: randomly initialised from published configs, with a byte-level BPE
+tokenizer trained (``tokenizers``) on the shipped sentences. For tests, demos and latency benchmarks only:
+the weights are random, so the text they generate is gibberish, but every graph, shape and cost is real.
+
+    python -m compress.random_lm gpt2-tiny runs/gpt2-tiny      # then: compress run runs/gpt2-tiny --recipe dynamic-int8
+
+Configs (parameter counts printed on save):
+- ``gpt2-tiny`` / ``t5-tiny``: 2 layers, width 32 (tests).
+- ``t5-small``: the published t5-small config (d_model 512, d_kv 64, d_ff 2048, 6 encoder + 6 decoder layers,
+  8 heads, relative attention, vocab 32128, tied embeddings): 60.5 M parameters.
+- ``gpt2-narrow``: GPT-2 small's architecture (pre-LN, learned positions, GELU, FFN 4x) narrowed to t5-small's
+  width (512, 8 heads, FFN 2048) and vocabulary (32128), 14 layers to match t5-small's parameter count: 61.1 M.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from compress.data import shipped_sentences
+
+SPECIALS = ("<|endoftext|>", "<pad>")
+
+
+def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
+    return {
+        # initializer_range 0.5: sharper random logits, so greedy tokens vary (a parity check that can fail)
+        "gpt2-tiny": ("gpt2", dict(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=4,
+                                   initializer_range=0.5, bos_token_id=0, eos_token_id=0)),
+        "t5-tiny": ("t5", dict(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                               initializer_factor=8.0, decoder_start_token_id=1, pad_token_id=1, eos_token_id=0)),
+        "t5-small": ("t5", dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+                                relative_attention_num_buckets=32, feed_forward_proj="relu", tie_word_embeddings=True,
+                                decoder_start_token_id=1, pad_token_id=1, eos_token_id=0)),
+        "gpt2-narrow": ("gpt2", dict(vocab_size=32128, n_positions=1024, n_embd=512, n_layer=14, n_head=8,
+                                     n_inner=2048, bos_token_id=0, eos_token_id=0)),
+    }
+
+
+NAMES = tuple(_configs(0))
+
+
+def train_tokenizer(vocab_size: int = 512) -> Any:
+    """A byte-level BPE (GPT-2's scheme) trained on the shipped sentences, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(shipped_sentences(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[0],
+                                   unk_token=SPECIALS[0], pad_token=SPECIALS[1], model_max_length=1024,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+def build(name: str, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) for one of ``NAMES``, weights drawn with ``seed``."""
+    import torch
+    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+
+    tokenizer = train_tokenizer()
+    configs = _configs(len(tokenizer))
+    if name not in configs:
+        raise ValueError(f"unknown model '{name}': choose one of {', '.join(configs)}")
+    arch, kw = configs[name]
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(**kw))
+        tokenizer.padding_side = "left"
+    else:
+        model = T5ForConditionalGeneration(T5Config(**kw))
+    model.generation_config = GenerationConfig.from_model_config(model.config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def save(name: str, out: Path, seed: int = 0) -> int:
+    """Write a loadable model folder (config, weights, generation config, tokenizer); returns the parameter count."""
+    model, tokenizer = build(name, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit(f"usage: python -m compress.random_lm {{{','.join(NAMES)}}} OUT_DIR")
+    n = save(sys.argv[1], Path(sys.argv[2]))
+    print(f"{sys.argv[1]}: {n / 1e6:.1f} M parameters (random init) -> {sys.argv[2]}")
