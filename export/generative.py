@@ -88,6 +88,8 @@ def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, 
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model)     # optimum's export flips config flags (use_cache) on the model it is given
+    if not model.config.architectures:  # save_pretrained records it; a model built in memory has none yet
+        model.config.architectures = [type(model).__name__]
     # no_post_process for seq2seq: keep decoder and decoder-with-past as two graphs (no merged If-graph), which
     # ORT's quantizer and our profiler handle as plain graphs; ORTModelForSeq2SeqLM loads either layout.
     onnx_export_from_model(model, out_dir, task=OPTIMUM_TASK[kind], opset=opset, do_validation=False, device="cpu",
