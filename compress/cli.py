@@ -111,6 +111,10 @@ def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threa
 
 
 def _summary(report: dict) -> str:
+    if "npu" in report:                  # QNN HTP pre-flight / Ethos-U via Vela (compress.npu)
+        from compress.npu import summary as npu_summary
+
+        return npu_summary(report)
     if report.get("kind") == "generative":
         from compress.generative import summary
 
@@ -147,6 +151,8 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimat
     cfg = _latency_config(shapes, runs, threads)
     if estimate:
         _estimate_cmd(artifact, load_target_or_fail(target), cfg.shapes, json_out)
+        return
+    if _npu_profile(artifact, load_target_or_fail(target), cfg.shapes[0], json_out):
         return
     from export.generative import artifact_kind
 
@@ -207,6 +213,22 @@ def _profile_generative(artifact: Path, target: str, baseline, cfg, new_tokens: 
                 "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in res.items()},
                 "models": {k: str(v) for k, v in models.items()}}
         json_out.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _npu_profile(artifact: Path, profile, shape, json_out: Path | None) -> bool:
+    """QNN HTP pre-flight or Vela compile of an artefact (compress.npu); False for targets that are not NPU back-ends."""
+    from compress import npu
+
+    if npu.backend(profile) is None:
+        return False
+    try:
+        res = npu.profile_artifact(artifact, profile, shape.batch, shape.seq, progress=_Clock())
+    except CompressError as e:
+        _fail(e)
+    click.echo(npu.profile_text(res))
+    if json_out:
+        json_out.write_text(json.dumps({"target": profile.name, **res}, indent=2, default=str) + "\n")
+    return True
 
 
 def load_target_or_fail(name: str):

@@ -53,9 +53,12 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def target_status(profile: DeviceProfile) -> tuple[str, str]:
-    """What this host can do for a target today: ("measured" | "estimate only", why)."""
+    """What this host can do for a target today: ("measured" | "simulated" | "vendor model" | "estimate only", why)."""
+    from compress import npu
     from profiles import missing_requirements
 
+    if npu.status(profile) is not None:       # QNN HTP simulator / Vela performance model (compress.npu)
+        return npu.status(profile)
     if profile.kind == "cpu" and profile.latency_source == "measured":
         return "measured", "ONNX Runtime CPU EP on this host"
     if profile.kind == "gpu":
@@ -80,7 +83,7 @@ def resolve_target(name: str) -> DeviceProfile:
     """A target this host can measure; anything else is refused with the way to get an estimate."""
     profile = load_target(name)
     mode, why = target_status(profile)
-    if mode != "measured":
+    if mode not in ("measured", "simulated", "vendor model"):
         raise CompressError(f"target '{profile.name}' cannot be measured here ({why}): use --target cpu, or "
                             f"`compress profile ARTIFACT --target {profile.name} --estimate` for an analytic roofline")
     return profile
@@ -128,6 +131,10 @@ def run(cfg: RunConfig, progress: Progress = lambda msg: None,
         on_latency: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
     """Run a recipe end to end; returns (output folder, report dict)."""
     prep = prepare(cfg)
+    from compress import npu
+
+    if npu.backend(prep.profile) is not None:     # QNN HTP pre-flight / Ethos-U through Vela
+        return npu.run_npu(cfg, prep, progress)
     from compress.generative import generative_task, run_generative
 
     kind = generative_task(cfg.model, cfg.task)

@@ -1,0 +1,410 @@
+"""``compress run`` / ``compress profile`` for the NPU back-ends nothing here can time:
+
+- ``npu-qnn-htp`` (runtimes/qnn.py): static shapes -> QDQ for the HTP -> compile on the HTP simulator with CPU
+  fallback disabled -> per-op placement (or the blockers and their fixes) -> EPContext model; accuracy on the NPU
+  numerics path; latency from the roofline, labelled analytic (never the simulator's cycles).
+- ``npu-ethos-u55`` / ``-u65`` (runtimes/vela.py, export/tflite_export.py): torch -> int8 TFLite (litert-torch) ->
+  Vela with explicit configs -> per-layer cycles and NPU/CPU placement; latency labelled vendor_model.
+
+The recipe's torch-level stages (pruning, ...) apply first; its ONNX-level stages do not, because each target
+quantizes with its own vendor's tool (the report says which were skipped).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from compress.errors import CompressError
+
+Progress = Callable[[str], None]
+BACKENDS = {"onnxruntime-qnn": "qnn", "vela": "vela"}
+SIM_SAMPLES = 8     # held-out sentences run through the HTP simulator (~5-15 s each at 1x128 on one core)
+
+
+def backend(profile) -> str | None:
+    return BACKENDS.get(profile.runtime)
+
+
+def status(profile) -> tuple[str, str] | None:
+    """("simulated" | "vendor model" | "estimate only", why) for an NPU back-end profile; None for other profiles."""
+    from profiles import missing_requirements
+
+    kind = backend(profile)
+    if kind is None:
+        return None
+    missing = missing_requirements(profile)
+    extra = "qnn" if kind == "qnn" else "ethos"
+    if missing:
+        return "estimate only", f"needs {', '.join(missing)}: pip install \"edge-compress[{extra}]\""
+    if kind == "qnn":
+        return "simulated", "HTP simulator (onnxruntime-qnn): op placement, NPU numerics, EPContext; latency analytic"
+    return "vendor model", "Vela performance model (ethos-u-vela): per-layer cycles, NPU/CPU placement"
+
+
+def require(profile) -> None:
+    """Fail before any heavy work when the target's extra is missing (one line naming it)."""
+    kind = backend(profile)
+    if kind == "qnn":
+        from runtimes.qnn import require_qnn
+
+        require_qnn()
+    elif kind == "vela":
+        from export.tflite_export import require_litert
+        from runtimes.vela import VelaConfig, require_vela
+
+        require_vela()
+        require_litert()
+        VelaConfig.from_profile(profile)
+
+
+# --- compress run ---------------------------------------------------------------------------------------
+
+def run_npu(cfg, prep, progress: Progress = lambda msg: None) -> tuple[Path, dict]:
+    """The NPU path of ``compress run``; writes the artefact folder atomically, like the CPU path."""
+    from compress.data import calibration_and_heldout, read_texts, shipped_sentences
+    from compress.evaluate import parse_eval
+    from compress.models import load_model
+    from compress.pipeline import apply_torch_stages, commit_folder
+
+    require(prep.profile)
+    t_start = time.perf_counter()
+    progress(f"loading {cfg.model}")
+    lm = load_model(cfg.model, cfg.task)
+    evals = [parse_eval(e, lm.task) for e in cfg.evals]
+    calibration, heldout = calibration_and_heldout(shipped_sentences())
+    if cfg.data is not None:
+        calibration = read_texts(cfg.data)
+    shape = cfg.latency.shapes[0]
+    torch_stages = [s for s in prep.recipe.stages if s.type.level == "torch"]
+    skipped = [s.name for s in prep.recipe.stages if s.type.level != "torch"]
+    if skipped:
+        progress(f"recipe {prep.recipe.name}: ONNX stage(s) {', '.join(skipped)} not used: "
+                 f"{prep.profile.name} quantizes with its own tool")
+
+    prep.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
+    try:
+        with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
+            lm, stage_reports = apply_torch_stages(torch_stages, lm, calibration, progress, artifact_dir=staging,
+                                                   base_model=cfg.base)
+            work = Path(work_dir)
+            if backend(prep.profile) == "qnn":
+                section, results = run_qnn(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
+            else:
+                section, results = run_vela(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
+        report = _report(cfg, prep, lm, stage_reports, skipped, section, results)
+        report["seconds_total"] = round(time.perf_counter() - t_start, 1)
+        write(report, staging)
+        report["files"] = sorted(f.name + ("/" if f.is_dir() else "") for f in staging.iterdir())
+        commit_folder(staging, prep.out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return prep.out, report
+
+
+def run_qnn(lm, profile, calibration, heldout, evals, shape, staging: Path, work: Path,
+            progress: Progress, sim_samples: int = SIM_SAMPLES) -> tuple[dict, list[dict]]:
+    from compress.evaluate import evaluate
+    from export.onnx_export import copy_app_files, export_onnx
+    from export.verify import FLOAT_COSINE_MIN, row_cosine, verify_against_torch
+    from runtimes import qnn
+    from runtimes.encode import ort_outputs
+    from runtimes.ort import cpu_session
+
+    batch, seq = shape.batch, shape.seq
+    progress("exporting to ONNX (optimum) and checking it against torch")
+    float_dir = work / "float"
+    fp32 = export_onnx(lm, float_dir)
+    parity = verify_against_torch(lm, fp32, heldout, FLOAT_COSINE_MIN)
+    if not parity.passed:
+        raise CompressError(f"the float ONNX export diverges from torch (min cosine {parity.cosine_min:.5f}): "
+                            "report this model as an export bug; nothing was written")
+    progress(f"static shapes {batch}x{seq}, QNN pre-processing (ORT qnn_preprocess_model)")
+    static = work / "static.onnx"
+    pre = qnn.prepare_static(fp32, static, batch, seq)
+    activations = profile.option("activations", "uint16")     # uint8 loses MiniLM (benchmarks/npu_targets.py)
+    progress(f"QDQ for the HTP: {activations} activations, uint8 weights (get_qnn_qdq_config, "
+             f"{len(calibration)} calibration sentences)")
+    inputs = [i.name for i in cpu_session(static, 1).get_inputs()]
+    qdq = staging / "model.onnx"
+    quant = qnn.quantize_qdq(static, qdq, qnn.static_feeds(lm.tokenizer, calibration, inputs, batch, seq), activations)
+    copy_app_files(float_dir, staging)
+
+    progress("partitioning on the HTP simulator (verbose ORT log: which node goes where)")
+    placement = qnn.partition(qdq, profile, work)
+    blockers = qnn.blockers(placement)
+    progress("compiling on the HTP simulator with CPU fallback disabled, writing the EPContext model")
+    ctx = staging / "model_ctx.onnx"
+    error = qnn.compile_context(qdq, profile, ctx)
+    compiled = error is None and ctx.is_file()
+    if not compiled:
+        for f in staging.glob("model_ctx*"):
+            f.unlink()
+
+    sess_fp32, sess_qdq = cpu_session(fp32, 1), cpu_session(qdq, 1)
+    original = lambda t: ort_outputs(sess_fp32, lm.tokenizer, t, lm.task, seq)
+    emulated = lambda t: qnn.static_outputs(sess_qdq, lm.tokenizer, t, lm.task, batch, seq)
+    results = []
+    for spec in evals:
+        progress(f"evaluating {spec}: QDQ model on the CPU EP (emulates the NPU's integer numerics)")
+        results.append(dict(evaluate(spec, original, emulated, heldout), path="qdq-cpu-emulation"))
+    simulator = None
+    if compiled:
+        sample = heldout[:sim_samples]
+        progress(f"running {len(sample)} held-out sentences through the HTP simulator (EPContext model; slow)")
+        t0 = time.perf_counter()
+        sim = qnn.static_outputs(qnn.htp_session(ctx, profile), lm.tokenizer, sample, lm.task, batch, seq)
+        ref, emu = original(sample), emulated(sample)
+        cos, agree = row_cosine(ref, sim), row_cosine(emu, sim)
+        simulator = {"samples": len(sample), "fidelity_mean": round(float(cos.mean()), 6),
+                     "fidelity_min": round(float(cos.min()), 6),
+                     "cpu_emulation_fidelity_mean": round(float(row_cosine(ref, emu).mean()), 6),
+                     "agreement_with_cpu_emulation_mean": round(float(agree.mean()), 6),
+                     "agreement_with_cpu_emulation_min": round(float(agree.min()), 6),
+                     "seconds_per_sample": round((time.perf_counter() - t0) / len(sample), 2),
+                     "metric": "mean cosine of the task output to the fp32 export (held-out shipped sentences)"}
+    from runtimes.roofline import RooflineError, estimate
+
+    progress("roofline latency for the target (analytic)")
+    try:
+        # On the static float graph that was quantized, every tensor counted as int8: the roofline's shape
+        # inference does not get through the uint16 QDQ graph (ORT's com.microsoft Q/DQ).
+        est = estimate(static, profile, batch, seq, "int8")
+        latency = {k: est[k] for k in ("batch", "seq", "p50_ms", "source", "tool", "profile", "macs", "bytes", "caveats")}
+        latency["caveats"] = ["the HTP simulator's cycle counts are not used: they vary run to run and are far off "
+                              "the hardware",
+                              f"{activations} activations counted as int8 (1 byte, the int8 rate): optimistic where "
+                              "they are 16-bit", *latency["caveats"]]
+    except (RooflineError, ValueError) as e:
+        latency = {"batch": batch, "seq": seq, "source": "analytic", "error": str(e).splitlines()[0]}
+    cpu = len(placement.cpu_nodes)
+    section = {
+        "backend": "qnn", "tool": qnn.qnn_version(),
+        "options": {"backend": profile.option("backend", "htp"), "htp_arch": profile.option("htp_arch"),
+                    "soc_model": profile.option("soc_model"), "disable_cpu_ep_fallback": True},
+        "static_shape": {"batch": batch, "seq": seq}, "preprocess": {k: v for k, v in pre.items() if k != "ops"},
+        "quantization": quant,
+        "fallback_nodes": cpu, "npu_partitions": placement.partitions.get(qnn.EP_NAME, 0),
+        "compiled_wholly_on_npu": compiled and cpu == 0, "compile_error": error,
+        "ops": qnn.op_table(qdq, placement), "blockers": blockers,
+        "epcontext": {"model": ctx.name, "files": sorted(f.name for f in staging.glob("model_ctx*"))} if compiled else None,
+        "simulator": simulator, "latency": [latency], "parity_float_export": parity.as_dict(),
+    }
+    return section, results
+
+
+def run_vela(lm, profile, calibration, heldout, evals, shape, staging: Path, work: Path,
+             progress: Progress) -> tuple[dict, list[dict]]:
+    from compress.evaluate import evaluate
+    from compress.models import torch_outputs
+    from export.tflite_export import export_int8_tflite, tflite_outputs
+    from runtimes import vela
+
+    batch, seq = shape.batch, shape.seq
+    config = vela.VelaConfig.from_profile(profile)
+    tflite = staging / "model_int8.tflite"
+    conversion = export_int8_tflite(lm, tflite, calibration, batch, seq, progress)
+    original = lambda t: torch_outputs(lm, t)
+    converted = lambda t: tflite_outputs(tflite, lm, t, batch, seq)
+    results = []
+    for spec in evals:
+        progress(f"evaluating {spec}: int8 TFLite in the LiteRT interpreter (CPU) vs the torch model")
+        results.append(dict(evaluate(spec, original, converted, heldout), path="tflite-int8-litert"))
+    progress(f"Vela: {config.accelerator_config}, {config.system_config}, {config.memory_mode}")
+    res = vela.compile_tflite(tflite, staging / "vela", config)
+    section = {"backend": "vela", "tool": res.tool, "conversion": conversion, **vela.report(res, batch, seq)}
+    section["latency"] = [section["latency"]]
+    return section, results
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+def _report(cfg, prep, lm, stage_reports, skipped, section, results) -> dict:
+    from compress.report import versions
+    from runtimes.host import host_info
+
+    v = versions()
+    for pkg in ("onnxruntime-qnn", "ethos-u-vela", "litert-torch", "ai-edge-litert"):
+        try:
+            from importlib.metadata import version
+
+            v[pkg] = version(pkg)
+        except Exception:
+            pass
+    p = prep.profile
+    report = {
+        "model": {"name": lm.name, "path": str(lm.path), "architecture": getattr(lm.config, "model_type", "")},
+        "task": lm.task,
+        "target": {"name": p.name, "kind": p.kind, "runtime": p.runtime, "execution_provider": p.execution_provider,
+                   "profile": p.source_file, "description": p.description},
+        "recipe": prep.recipe.as_dict(), "stages": stage_reports, "onnx_stages_not_used": skipped,
+        "npu": section, "eval": results, "host": host_info().as_dict(), "versions": v,
+    }
+    report["findings"] = findings(report)
+    return report
+
+
+def findings(report: dict) -> list[str]:
+    n = report["npu"]
+    out = []
+    if n["backend"] == "qnn":
+        if n["compiled_wholly_on_npu"]:
+            out.append(f"Compiles wholly onto the HTP simulator ({n['tool']}): 0 fallback nodes with CPU fallback "
+                       f"disabled; EPContext model {n['epcontext']['model']} written.")
+        else:
+            ops = sorted({b["op_type"] for b in n["blockers"]})
+            out.append(f"Does not run wholly on the HTP: {n['fallback_nodes']} node(s) would fall back to the CPU "
+                       f"({', '.join(ops) or 'see compile_error'}); blockers and fixes in the report.")
+        s = n.get("simulator")
+        if s:
+            out.append(f"NPU numerics (HTP simulator, {s['samples']} held-out sentences): mean cosine to fp32 "
+                       f"{s['fidelity_mean']:.4f} (CPU QDQ emulation {s['cpu_emulation_fidelity_mean']:.4f}; "
+                       f"simulator vs emulation {s['agreement_with_cpu_emulation_mean']:.4f}).")
+    else:
+        o = n["operators"]
+        out.append(f"Vela ({n['tool']}): {n['cycles_npu']:,} NPU cycles, {n['cycles_total']:,} total; "
+                   f"{o['npu']} of {o['total']} operators on the NPU, {o['cpu']} on the CPU (not in the cycles).")
+    for e in report["eval"]:
+        delta = f" (delta {e['delta']:+.3f})" if "delta" in e else ""
+        out.append(f"{e['name']} on {e['path']}: {e['compressed']} vs original {e['original']}{delta}.")
+    for lat in n["latency"]:
+        if "p50_ms" in lat:
+            out.append(f"Latency {lat['batch']}x{lat['seq']}: {lat['p50_ms']:.2f} ms [{lat['source']}, {lat['tool']}].")
+    return out
+
+
+def summary(report: dict) -> str:
+    n = report["npu"]
+    lines = [f"{report['model']['name']} -> {report['target']['name']} ({n['tool']})"]
+    lines += [f"  {f}" for f in report["findings"]]
+    if n["backend"] == "qnn" and n["blockers"]:
+        lines.append("  blockers:")
+        lines += [f"    {b['op_type']} {b['node']}: {b['reason']} -> fix: {b['fix']}" for b in n["blockers"][:20]]
+    if n["backend"] == "vela":
+        top = sorted(n["layers"], key=lambda r: -r["cycles"])[:8]
+        lines.append("  top layers by cycles [vendor_model]:")
+        lines += [f"    {r['cycles']:>10,}  {r['target']}  {r['op']:<16} {r['name'][-70:]}" for r in top]
+        lines += [f"  CPU: {b['count']} x {b['op']}: {b['reason']} -> {b['fix']}" for b in n["cpu_blockers"][:6]]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    n = report["npu"]
+    lines = [f"# NPU report: {report['model']['name']} -> {report['target']['name']}", "",
+             f"{report['target']['description']} Tool: {n['tool']}.", "", "## Findings", ""]
+    lines += [f"- {f}" for f in report["findings"]]
+    if report["onnx_stages_not_used"]:
+        lines += ["", f"Recipe `{report['recipe']['name']}`: ONNX stage(s) {', '.join(report['onnx_stages_not_used'])} "
+                      "not used (the target quantizes with its own tool)."]
+    lines += ["", "## Latency", "", "| shape | p50 ms | source | tool |", "|---|---|---|---|"]
+    for lat in n["latency"]:
+        lines.append(f"| {lat['batch']}x{lat['seq']} | {lat.get('p50_ms', float('nan')):.2f} | {lat['source']} | "
+                     f"{lat.get('tool', '')} |")
+    lines += [""] + [f"- {c}" for c in n["latency"][0].get("caveats", [])]
+    lines += ["", "## Accuracy", "", "| eval | path | original | on target | delta |", "|---|---|---|---|---|"]
+    for e in report["eval"]:
+        lines.append(f"| {e['name']} | {e['path']} | {e['original']} | {e['compressed']} | {e.get('delta', '')} |")
+    if n["backend"] == "qnn":
+        if n.get("simulator"):
+            s = n["simulator"]
+            lines += ["", f"HTP simulator on {s['samples']} held-out sentences: mean cosine to fp32 {s['fidelity_mean']} "
+                          f"(min {s['fidelity_min']}); agreement with the CPU QDQ emulation {s['agreement_with_cpu_emulation_mean']}."]
+        lines += ["", "## Placement (QDQ graph, ops by type)", "",
+                  "On NPU: validated by the QNN EP (Q/DQ pairs fuse into their ops); folded: removed by ORT before "
+                  "partitioning (shape arithmetic on static shapes, constants). ORT duplicates shared DequantizeLinear nodes "
+                  "before partitioning, so their NPU count can exceed the graph's.", "",
+                  "| op | nodes | on NPU | fall back | folded |", "|---|---|---|---|---|"]
+        lines += [f"| {o['op_type']} | {o['nodes']} | {o['npu']} | {o['cpu']} | {o['folded']} |" for o in n["ops"]]
+        if n["blockers"]:
+            lines += ["", "## Blockers", "", "| op | node | reason | fix |", "|---|---|---|---|"]
+            lines += [f"| {b['op_type']} | {b['node']} | {b['reason']} | {b['fix']} |" for b in n["blockers"]]
+    else:
+        lines += ["", "## Vela per layer", "", f"Command: `{n['command']}`", "",
+                  "| layer | op | target | cycles | MACs |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name'][-60:]} | {r['op']} | {r['target']} | {r['cycles']} | {r['macs']} |" for r in n["layers"]]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    return "\n".join(lines)
+
+
+def write(report: dict, folder: Path) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+
+
+# --- compress profile -----------------------------------------------------------------------------------
+
+def profile_artifact(path: Path, profile, batch: int, seq: int, progress: Progress = lambda msg: None) -> dict:
+    """Pre-flight an existing artefact: QNN on an .onnx (fp32 is made static + QDQ first; calibration on the
+    shipped sentences needs the tokenizer beside it), Vela on an int8 .tflite."""
+    require(profile)
+    if backend(profile) == "vela":
+        from runtimes import vela
+
+        if path.is_dir():
+            path = path / "model_int8.tflite"
+        if path.suffix != ".tflite" or not path.is_file():
+            raise CompressError(f"{path}: the Ethos-U target compiles an int8 .tflite: pass one, or an artefact folder "
+                                "from `compress run MODEL --target npu-ethos-u55`")
+        with tempfile.TemporaryDirectory(prefix="vela-") as tmp:
+            res = vela.compile_tflite(path, Path(tmp), vela.VelaConfig.from_profile(profile))
+        return {"backend": "vela", "tool": res.tool, **vela.report(res, batch, seq)}
+    return _profile_qnn(path, profile, batch, seq, progress)
+
+
+def _profile_qnn(path: Path, profile, batch: int, seq: int, progress: Progress) -> dict:
+    import onnx
+
+    from compress.data import calibration_and_heldout, shipped_sentences
+    from runtimes import qnn
+    from runtimes.ort import cpu_session
+
+    folder = path if path.is_dir() else path.parent
+    model = path / "model.onnx" if path.is_dir() else path
+    if not model.is_file():
+        raise CompressError(f"{model} not found: pass an artefact folder holding model.onnx, or an .onnx file")
+    graph = onnx.load(str(model), load_external_data=False).graph
+    is_qdq = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    static = all(d.HasField("dim_value") for i in graph.input for d in i.type.tensor_type.shape.dim)
+    with tempfile.TemporaryDirectory(prefix="qnn-") as tmp:
+        work = Path(tmp)
+        qdq = model
+        if not (is_qdq and static):
+            from transformers import AutoTokenizer
+
+            try:
+                tok = AutoTokenizer.from_pretrained(str(folder))
+            except Exception:
+                raise CompressError(f"{folder} has no tokenizer to calibrate with: pass an artefact folder from "
+                                    "compress run") from None
+            progress(f"static {batch}x{seq} + QDQ (uint16 activations, uint8 weights)")
+            qnn.prepare_static(model, work / "static.onnx", batch, seq)
+            calibration, _ = calibration_and_heldout(shipped_sentences())
+            names = [i.name for i in cpu_session(work / "static.onnx", 1).get_inputs()]
+            qdq = work / "qdq.onnx"
+            qnn.quantize_qdq(work / "static.onnx", qdq, qnn.static_feeds(tok, calibration, names, batch, seq))
+        progress("partitioning and compiling on the HTP simulator (CPU fallback disabled)")
+        placement = qnn.partition(qdq, profile, work)
+        error = qnn.compile_context(qdq, profile, work / "ctx.onnx")
+        ops = qnn.op_table(qdq, placement)
+    return {"backend": "qnn", "tool": qnn.qnn_version(), "fallback_nodes": len(placement.cpu_nodes),
+            "compiled_wholly_on_npu": error is None and not placement.cpu_nodes, "compile_error": error,
+            "blockers": qnn.blockers(placement), "ops": ops, "quantized_here": not (is_qdq and static)}
+
+
+def profile_text(res: dict) -> str:
+    if res["backend"] == "vela":
+        lat, o = res["latency"], res["operators"]
+        lines = [f"Vela ({res['tool']}): {lat['p50_ms']:.3f} ms [{lat['source']}], {res['cycles_npu']:,} NPU cycles, "
+                 f"{res['cycles_total']:,} total; {o['npu']}/{o['total']} operators on the NPU"]
+        lines += [f"  {c}" for c in lat["caveats"]]
+        return "\n".join(lines)
+    head = "compiles wholly onto the HTP simulator (0 fallback nodes)" if res["compiled_wholly_on_npu"] else \
+        f"does NOT compile wholly onto the HTP: {res['fallback_nodes']} fallback node(s); {res['compile_error'] or ''}"
+    lines = [f"QNN HTP ({res['tool']}): {head}"]
+    lines += [f"  {b['op_type']} {b['node']}: {b['reason']} -> fix: {b['fix']}" for b in res["blockers"][:30]]
+    return "\n".join(lines)
