@@ -91,15 +91,19 @@ def _fail(e: Exception) -> None:
 @click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
 @click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
+@click.option("--max-drop", help="Accuracy budget for quant.mixed (--recipe mixed): points of the first --eval "
+              "(0.3) or percent of its float score (0.5%).")
+@click.option("--min-drop", help="Lower end of the budget range: a probe inside [min, max] ends the search early.")
 @click.option("--new-tokens", default=32, show_default=True, help="Generative models: tokens generated per timed run.")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threads, force, new_tokens) -> None:
+def run(model, target, recipe, out, evals, task, data, base, shapes, runs, threads, max_drop, min_drop, force,
+        new_tokens) -> None:
     """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
     from compress.pipeline import RunConfig, run as run_pipeline
 
     cfg = RunConfig(model=model, target=target, recipe=recipe, out=out, evals=tuple(evals) or ("fidelity",),
-                    task=task, data=data, base=base, force=force, latency=_latency_config(shapes, runs, threads),
-                    new_tokens=new_tokens)
+                    task=task, data=data, base=base, force=force, max_drop=max_drop, min_drop=min_drop,
+                    latency=_latency_config(shapes, runs, threads), new_tokens=new_tokens)
     try:
         folder, report = run_pipeline(cfg, progress=_Clock(), on_latency=_latency_progress())
     except CompressError as e:

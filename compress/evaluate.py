@@ -61,6 +61,15 @@ def accuracy(encode: Encoder, path: Path) -> float:
     return float((pred == np.asarray(data.labels)).mean() * 100)
 
 
+def search_score(spec: EvalSpec, encode: Encoder, texts: list[str], reference: np.ndarray | None) -> float:
+    """One number, higher is better, for a search over candidate models (quant.mixed): Spearman x100, accuracy %,
+    or fidelity as mean cosine x100 to the reference outputs on ``texts`` (the calibration half, so the held-out
+    sentences the report's fidelity uses stay unseen by the search)."""
+    if spec.kind == "fidelity":
+        return float(row_cosine(reference, encode(texts)).mean() * 100)
+    return stsb_spearman(encode, spec.path) if spec.kind == "stsb" else accuracy(encode, spec.path)
+
+
 def evaluate(spec: EvalSpec, original: Encoder, compressed: Encoder, heldout: list[str]) -> dict:
     if spec.kind == "fidelity":
         cos = row_cosine(original(heldout), compressed(heldout))

@@ -20,7 +20,7 @@ from compress.errors import CompressError
 from compress.evaluate import EvalSpec, evaluate, parse_eval
 from compress.models import LoadedModel, load_model
 from compress.recipe import Recipe, StageSpec, load_recipe
-from compress.stages import OnnxContext, TorchContext
+from compress.stages import OnnxContext, Scorer, TorchContext
 from profiles import DeviceProfile, ProfileError, load_profile
 from runtimes.profiler import ProfileConfig
 
@@ -37,6 +37,8 @@ class RunConfig:
     task: str | None = None
     data: Path | None = None
     base: str | None = None        # the base model a fine-tuned MODEL came from (delta stages)
+    max_drop: str | None = None    # quant.mixed budget override: points ("0.3") or percent of the score ("0.5%")
+    min_drop: str | None = None
     force: bool = False
     latency: ProfileConfig = field(default_factory=ProfileConfig)
     new_tokens: int = 32           # generative models: tokens generated per timed run (compress.generative)
@@ -96,13 +98,74 @@ def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: in
                                    return_tensors="np")) for i in range(0, len(texts), batch))
 
 
-def onnx_context(lm: LoadedModel, calibration: list[str]) -> OnnxContext:
+def onnx_context(lm: LoadedModel, calibration: list[str], profile: DeviceProfile | None = None,
+                 search_eval: EvalSpec | None = None, progress: Progress | None = None) -> OnnxContext:
     from runtimes.host import host_info
 
     c = lm.config
     return OnnxContext(calibration=tokenized_batches(lm, calibration), host=host_info(),
                        model_type=getattr(c, "model_type", ""), num_heads=int(getattr(c, "num_attention_heads", 0)),
-                       hidden_size=int(getattr(c, "hidden_size", 0)))
+                       hidden_size=int(getattr(c, "hidden_size", 0)), torch_model=lm,
+                       calibration_texts=tuple(calibration), precisions=profile.precisions if profile else (),
+                       scorer=make_scorer(search_eval, lm, calibration) if search_eval else None, progress=progress)
+
+
+def make_scorer(spec: EvalSpec, lm: LoadedModel, texts: list[str]) -> Scorer:
+    """The search metric of a run (its first --eval) on any ONNX file, run in ORT like the final evaluation."""
+    from compress.evaluate import search_score
+    from compress.models import torch_outputs
+    from runtimes.encode import ort_outputs
+    from runtimes.ort import cpu_session
+
+    reference = torch_outputs(lm, texts) if spec.kind == "fidelity" else None
+
+    def score(path: Path) -> float:
+        sess = cpu_session(path, 0)
+        return search_score(spec, lambda t: ort_outputs(sess, lm.tokenizer, t, lm.task, lm.max_length), texts, reference)
+
+    name = "fidelity x100 (mean cosine to the original on the calibration text)" if spec.kind == "fidelity" else str(spec)
+    return Scorer(name=name, score=score)
+
+
+def parse_drop(text: str, flag: str) -> tuple[float, bool]:
+    """"0.3" -> (0.3, absolute points); "0.5%" -> (0.5, relative to the float score)."""
+    raw = text.strip()
+    relative = raw.endswith("%")
+    try:
+        value = float(raw.rstrip("%"))
+    except ValueError:
+        raise CompressError(f"{flag} {text!r} is not a number: pass points (0.3) or a percentage (0.5%)") from None
+    if not value >= 0:
+        raise CompressError(f"{flag} {text!r} must be >= 0: it is the accuracy drop you accept")
+    return value, relative
+
+
+def with_budget(recipe: Recipe, max_drop: str | None, min_drop: str | None) -> Recipe:
+    """Apply --max-drop / --min-drop to the recipe's quant.mixed stages (refused when it has none)."""
+    import dataclasses
+
+    if max_drop is None and min_drop is None:
+        return recipe
+    if not any(s.name == "quant.mixed" for s in recipe.stages):
+        raise CompressError(f"--max-drop/--min-drop set an accuracy budget for quant.mixed, which recipe "
+                            f"'{recipe.name}' does not have: use --recipe mixed")
+    stages = []
+    for spec in recipe.stages:
+        if spec.name == "quant.mixed":
+            changes = {}
+            if max_drop is not None:
+                changes["max_drop"], changes["relative"] = parse_drop(max_drop, "--max-drop")
+            if min_drop is not None:
+                value, rel = parse_drop(min_drop, "--min-drop")
+                if max_drop is not None and rel != changes["relative"]:
+                    raise CompressError("--min-drop and --max-drop must both be points or both percentages")
+                changes["min_drop"] = value
+            try:
+                spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, **changes))
+            except ValueError as e:
+                raise CompressError(str(e).splitlines()[0]) from None
+        stages.append(spec)
+    return dataclasses.replace(recipe, stages=tuple(stages))
 
 
 @dataclass(frozen=True)
@@ -115,7 +178,7 @@ class Prepared:
 
 
 def prepare(cfg: RunConfig) -> Prepared:
-    recipe = load_recipe(cfg.recipe)
+    recipe = with_budget(load_recipe(cfg.recipe), cfg.max_drop, cfg.min_drop)
     profile = resolve_target(cfg.target)
     out = cfg.out or default_out(cfg)
     check_out_dir(out, cfg.force)
@@ -287,7 +350,9 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
         current, report = pack_int4_layers(lm, current, work)
         stage_reports.append(report)
 
-    ctx = onnx_context(lm, calibration) if onnx_stages else None
+    search = any(s.name == "quant.mixed" for s in onnx_stages)
+    ctx = onnx_context(lm, calibration, prep.profile, evals[0] if search and evals else None, progress) \
+        if onnx_stages else None
     current, reports = apply_onnx_stages(onnx_stages, current, work, ctx, progress)
     stage_reports += reports
 

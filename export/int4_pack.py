@@ -20,36 +20,45 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}      # where each op takes its weight: MatMul B (K, N), Gather data (V, H)
+
+
+def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> dict[str, str]:
+    """Layer name -> the MatMul / Gather node whose weight initializer is byte-identical to the layer's weight
+    as the op sees it ((K, N) for a Linear, (V, H) for an embedding)."""
+    by_digest = {_digest(w): name for name, w in weights_kn.items()}
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        init = inits.get(node.input[WEIGHT_INPUT[node.op_type]]) if node.op_type in WEIGHT_INPUT else None
+        if init is not None:
+            hit = by_digest.get(_digest(numpy_helper.to_array(init)))
+            if hit:
+                out[hit] = node.name
+    return out
+
+
 def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, object]]) -> dict:
-    """weights_kn: layer name -> ((K, N) float weight as the MatMul sees it, Int4Format). Returns counts."""
+    """weights_kn: layer name -> (float weight as the op sees it, Int4Format); MatMuls become MatMulNBits,
+    embedding Gathers GatherBlockQuantized (blocks along the hidden dim). Returns counts."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from compress.stages.base import scratch_cwd
 
     model = onnx.load(str(src))
-    by_digest = {_digest(w): (name, fmt) for name, (w, fmt) in weights_kn.items()}
-    inits = {i.name: i for i in model.graph.initializer}
-    groups: dict[object, list[str]] = defaultdict(list)      # format -> MatMul node names to pack
-    matched, matmuls = set(), []
-    for node in model.graph.node:
-        if node.op_type != "MatMul":
-            continue
-        matmuls.append(node.name)
-        init = inits.get(node.input[1])
-        if init is None:
-            continue
-        hit = by_digest.get(_digest(numpy_helper.to_array(init)))
-        if hit:
-            groups[hit[1]].append(node.name)
-            matched.add(hit[0])
-    missing = sorted(set(weights_kn) - matched)
+    nodes_of = layer_nodes(model, {name: w for name, (w, _) in weights_kn.items()})
+    missing = sorted(set(weights_kn) - set(nodes_of))
     if missing:
         raise ValueError(f"int4 packing found no MatMul for {len(missing)} layer(s), e.g. {missing[0]}")
+    groups: dict[object, list[str]] = defaultdict(list)      # format -> MatMul node names to pack
+    for name, node in nodes_of.items():
+        groups[weights_kn[name][1]].append(node)
+    matmuls = [n.name for n in model.graph.node if n.op_type in WEIGHT_INPUT]
     current = model
     with scratch_cwd():
         for fmt, nodes in groups.items():
             quantizer = MatMulNBitsQuantizer(current, bits=4, block_size=fmt.block_size, is_symmetric=fmt.symmetric,
-                                             accuracy_level=fmt.accuracy_level or None,
+                                             accuracy_level=fmt.accuracy_level or None, op_types_to_quantize=tuple(WEIGHT_INPUT),
                                              nodes_to_exclude=[n for n in matmuls if n not in set(nodes)])
             quantizer.process()
             current = quantizer.model.model

@@ -1,11 +1,12 @@
 """The stage registry: every stage type a recipe may name, read top to bottom."""
 from __future__ import annotations
 
-from compress.stages.base import OnnxContext, StageError, StageType, TorchContext
+from compress.stages.base import OnnxContext, Scorer, StageError, StageType, TorchContext
 from compress.stages.delta import DeltaPrune, apply_delta_prune
 from compress.stages.graph import GraphOptimize, apply_graph_optimize
 from compress.stages.int4 import Int4Quant, apply_int4
 from compress.stages.lowrank import LowRank, apply_eora, apply_svd
+from compress.stages.mixed import MixedQuant, apply_mixed
 from compress.stages.nm import NMPrune, apply_nm
 from compress.stages.prune import GradualPrune, apply_gradual
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
@@ -34,6 +35,9 @@ REGISTRY: dict[str, StageType] = {
                                "ONNX Runtime dynamic int8: int8 weights, activations quantized at run time"),
     "quant.static": StageType("quant.static", "onnx", StaticQuant, apply_static,
                               "ONNX Runtime static int8 QDQ, per-channel weights, activations calibrated on text"),
+    "quant.mixed": StageType("quant.mixed", "onnx", MixedQuant, apply_mixed,
+                             "Hessian-guided mixed precision (float / int8 / int4 per layer), bisection inside an "
+                             "accuracy budget (--max-drop) measured with the run's first --eval"),
 }
 
-__all__ = ["REGISTRY", "OnnxContext", "StageError", "StageType", "TorchContext"]
+__all__ = ["REGISTRY", "OnnxContext", "Scorer", "StageError", "StageType", "TorchContext"]

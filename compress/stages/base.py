@@ -29,6 +29,21 @@ class OnnxContext:
     model_type: str                                   # transformers config.model_type, e.g. "bert"
     num_heads: int
     hidden_size: int
+    # For search stages (quant.mixed), filled by the pipeline: the float torch model the export came from, the
+    # calibration text itself, the target's precisions, the run's evaluator, and where to report progress.
+    torch_model: Any = None
+    calibration_texts: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ()
+    scorer: "Scorer | None" = None
+    progress: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The run's search metric on an ONNX file (higher is better): e.g. STS-B Spearman x100 of its embeddings."""
+
+    name: str
+    score: Callable[[Path], float]
 
 
 @dataclass(frozen=True)

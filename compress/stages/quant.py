@@ -45,6 +45,7 @@ class DynamicQuant:
     per_channel: bool = True        # per-tensor: fidelity 0.964 vs 0.992 per-channel on MiniLM
     reduce_range: str = "false"     # auto (on when the host lacks VNNI) | true | false
     op_types: tuple[str, ...] = ()  # empty: every op type ORT can quantize dynamically (MatMul, Attention, Gather, ...)
+    exclude: tuple[str, ...] = ()   # node names or fnmatch patterns kept in float
 
     def __post_init__(self) -> None:
         _check_choice("quant.dynamic", "weight_type", self.weight_type, QTYPES)
@@ -60,6 +61,7 @@ def apply_dynamic(cfg: DynamicQuant, src: Path, dst: Path, ctx: OnnxContext) -> 
     with scratch_cwd():
         quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
                          per_channel=cfg.per_channel, reduce_range=rr, op_types_to_quantize=list(cfg.op_types) or None,
+                         nodes_to_exclude=_matching_nodes(src, cfg.exclude),
                          # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer
                          # fails with "Unable to find data type for weight_name".
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -98,7 +100,17 @@ def _weight_nodes(path: Path, op_types: tuple[str, ...], exclude: tuple[str, ...
     graph = onnx.load(str(path), load_external_data=False).graph
     consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in graph.node if n.op_type in op_types and (n.op_type != "MatMul" or n.input[1] in consts)
-            and not any(fnmatch.fnmatchcase(n.name, pat) for pat in exclude)]
+            and not _excluded(n.name, exclude)]
+
+
+def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
+    return any(name == pat or fnmatch.fnmatchcase(name, pat) for pat in exclude)
+
+
+def _matching_nodes(path: Path, exclude: tuple[str, ...]) -> list[str]:
+    if not exclude:
+        return []
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if _excluded(n.name, exclude)]
 
 
 class _Reader:
