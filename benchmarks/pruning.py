@@ -1,11 +1,14 @@
-"""Pruning on MiniLM: gradual magnitude (unstructured 50/75%), FFN channels 50%, heads 25%, 2:4 one shot;
+"""Pruning on MiniLM: gradual magnitude (unstructured 50/75%), FFN channels 50%, heads 25%, 2:4 one shot,
+2:4 one shot + recovery, 2:4 trained with MDGF / SDGF / SR-STE (same step count for every trained variant);
 each with and without dynamic int8. STS-B dev Spearman, p50 side by side with the dense model (all variants
 timed interleaved in one loop), size raw and zipped, training minutes.
 
     python benchmarks/pruning.py [--steps 400] [--runs 50]
 
 Recovery is distillation from the original model on unlabelled text: sentences of the STS-B *train* split
-(labels unused), so the dev split stays held out. Writes benchmarks/results/pruning.{json,md,png}.
+(labels unused), so the dev split stays held out. Writes benchmarks/results/pruning.{json,md}. Then the FFN
+check: FFN channels 50% and dense, fp32 and int8, timed alone with 4x the runs, ORT's per-op profile and the
+MatMul weight shapes of each graph (does the pruned FFN really shrink, and where does int8 time go).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import copy
 import dataclasses
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from _results import save
@@ -24,10 +28,15 @@ STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
 
 def variants(steps: int) -> list[tuple[str, list[dict]]]:
     g = {"type": "prune.gradual", "end_step": int(steps * 0.75), "total_steps": steps, "frequency": max(steps // 16, 1)}
+    nm = {"type": "prune.nm", "n": 2, "m": 4, "steps": steps}        # every 2:4 trainer gets the same step count
     return [("dense", []),
             ("unstructured 50%", [{**g, "final_sparsity": 0.5}]),
             ("unstructured 75%", [{**g, "final_sparsity": 0.75}]),
             ("2:4 one-shot (no recovery)", [{"type": "prune.nm", "n": 2, "m": 4}]),
+            ("2:4 one-shot + recovery", [{**nm, "method": "oneshot"}]),
+            ("2:4 MDGF", [{**nm, "method": "mdgf", "decay": "exponential"}]),
+            ("2:4 SDGF", [{**nm, "method": "sdgf", "schedule": "stepwise"}]),
+            ("2:4 SR-STE", [{**nm, "method": "srste"}]),
             ("FFN channels 50%", [{**g, "granularity": "channel", "final_sparsity": 0.5}]),
             ("heads 25%", [{**g, "granularity": "head", "final_sparsity": 0.25}])]
 
@@ -38,6 +47,7 @@ def main() -> None:
     ap.add_argument("--train-sentences", type=int, default=4000)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--only", default="", help="Comma-separated variant names to run (default: all); dense always runs.")
+    ap.add_argument("--name", default="pruning", help="Results name under benchmarks/results/ (debug runs: another name).")
     args = ap.parse_args()
     _quiet_libraries()
     dev, train = STSB / "sts-dev.csv", STSB / "sts-train.csv"
@@ -88,6 +98,7 @@ def main() -> None:
         shapes = (Shape(1, 128),)
         print(f"timing {len(paths)} variants interleaved (1x128, {args.runs} runs)", flush=True)
         lat = measure_latency(paths, ProfileConfig(shapes=shapes, runs=args.runs))
+        ffn = ffn_check(paths, args.runs, measure_latency, ProfileConfig, Shape)
     dense = rows[0]["stsb_dev"]
     dense_int8_p50 = lat["dense + int8"][0].p50_ms
     for r in rows:
@@ -99,8 +110,44 @@ def main() -> None:
            "train_sentences": len(text),
            "latency": {k: [dataclasses.asdict(x) for x in v] for k, v in lat.items()},
            "command": f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
-                      f"--runs {args.runs}" + (f" --only '{args.only}'" if args.only else ""), "minutes": round((time.perf_counter() - t_start) / 60, 1)}
-    save("pruning", out, table)
+                      f"--runs {args.runs}" + (f" --only '{args.only}'" if args.only else ""), "minutes": round((time.perf_counter() - t_start) / 60, 1),
+           "ffn_check": ffn}
+    save(args.name, out, table)
+
+
+def matmul_weight_shapes(path: Path) -> dict[str, int]:
+    """How many weight matrices of each shape feed a MatMul / MatMulInteger / Gemm in the exported graph."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    shapes = Counter("x".join(map(str, inits[i])) for node in model.graph.node
+                     if node.op_type in ("MatMul", "MatMulInteger", "Gemm") for i in node.input if len(inits.get(i, ())) == 2)
+    return dict(sorted(shapes.items()))
+
+
+def ffn_check(paths: dict, runs: int, measure_latency, ProfileConfig, Shape) -> dict:
+    """Why FFN-channel 50% + int8 is (not) faster than dense int8: the four FFN / dense models alone, 4x the runs,
+    interleaved, at the host's threads and at 1 thread;
+    ORT's per-op profile of each; the MatMul weight shapes really in each graph."""
+    from runtimes.profiler import op_breakdown
+
+    pair = {k: paths[k] for k in ("dense + int8", "FFN channels 50% + int8", "dense", "FFN channels 50%") if k in paths}
+    if len(pair) < 4:
+        return {}
+    print(f"FFN check: {len(pair)} variants interleaved ({4 * runs} runs, host threads and 1 thread) + ORT per-op profile",
+          flush=True)
+    timing = {}
+    for threads in (0, 1):                   # 1 thread: no waiting on a sibling thread another process holds up
+        lat = measure_latency(pair, ProfileConfig(shapes=(Shape(1, 128),), runs=4 * runs, threads=threads))
+        timing[f"threads={lat['dense'][0].threads}"] = {
+            "p50_ms": {k: v[0].p50_ms for k, v in lat.items()}, "min_ms": {k: v[0].min_ms for k, v in lat.items()},
+            **{f"{stat}_ratio_{kind}": round(getattr(lat[f"FFN channels 50%{sfx}"][0], f"{stat}_ms") /
+                                             getattr(lat[f"dense{sfx}"][0], f"{stat}_ms"), 3)
+               for stat in ("p50", "min") for kind, sfx in (("fp32", ""), ("int8", " + int8"))}}
+    return {"timing": timing,
+            "ops": {k: op_breakdown(p, Shape(1, 128), 0, runs=20, top=8) for k, p in pair.items()},
+            "matmul_weight_shapes": {k: matmul_weight_shapes(p) for k, p in pair.items()}}
 
 
 def table(out: dict) -> str:
@@ -114,6 +161,20 @@ def table(out: dict) -> str:
                      f"{r['p50_vs_dense']:.2f} | {r['p50_vs_dense_int8']:.2f} | {r['mb']:.1f} | {r['mb_zip']:.1f} | "
                      f"{r['training_minutes']:.1f} |")
     lines += ["", f"Command: `{out['command']}` ({out['minutes']} min).", ""]
+    ffn = out.get("ffn_check")
+    if ffn:
+        lines += [f"FFN channels 50% vs dense, the four alone, interleaved ({4 * out['runs']} runs each):", ""]
+        for label, t in ffn["timing"].items():
+            lines.append(f"- {label}: FFN/dense p50 ratio {t['p50_ratio_fp32']:.2f} fp32, {t['p50_ratio_int8']:.2f} int8; "
+                         f"min ratio {t['min_ratio_fp32']:.2f} fp32, {t['min_ratio_int8']:.2f} int8 (p50 ms: "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in t["p50_ms"].items()) + ")")
+        lines += ["", "| variant | MatMul weight shapes (count) | top ops, ms per run (ORT profiler, 1x128, host threads) |",
+                  "|---|---|---|"]
+        for k, ops in ffn["ops"].items():
+            shapes = ", ".join(f"{s} ({n})" for s, n in ffn["matmul_weight_shapes"][k].items())
+            top = ", ".join(f"{o['op_type']} {o['ms_per_run']:.1f}" for o in ops)
+            lines.append(f"| {k} | {shapes} | {top} |")
+        lines.append("")
     return "\n".join(lines)
 
 
