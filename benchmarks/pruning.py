@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import tempfile
 import time
 from collections import Counter
@@ -109,7 +110,8 @@ def main() -> None:
     out = {"host": host_info().as_dict(), "rows": rows, "runs": args.runs, "steps": args.steps,
            "train_sentences": len(text),
            "latency": {k: [dataclasses.asdict(x) for x in v] for k, v in lat.items()},
-           "command": f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
+           "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+                      + f"python benchmarks/pruning.py --steps {args.steps} --train-sentences {args.train_sentences} "
                       f"--runs {args.runs}" + (f" --only '{args.only}'" if args.only else ""), "minutes": round((time.perf_counter() - t_start) / 60, 1),
            "ffn_check": ffn}
     save(args.name, out, table)
