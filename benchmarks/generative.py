@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -94,10 +95,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--name", default="generative", help="results file stem (smoke tests: another name)")
-    ap.add_argument("--replot", action="store_true", help="Redraw the plot from results/NAME.json only.")
+    ap.add_argument("--replot", action="store_true", help="Rewrite results/NAME.md and .png from results/NAME.json only.")
     args = ap.parse_args()
     if args.replot:
-        plot(json.loads((RESULTS / f"{args.name}.json").read_text()), RESULTS / f"{args.name}.png")
+        save(args.name, json.loads((RESULTS / f"{args.name}.json").read_text()), table, plot)
         return
     _quiet_libraries()
     import torch
@@ -109,7 +110,7 @@ def main() -> None:
     from runtimes.host import host_info
 
     torch.set_num_threads(max(1, args.threads or host_info().physical_cores))
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     names = args.models.split(",")
     lens = [int(x) for x in args.input_lens.split(",")]
     points = tuple(GenPoint(1, n) for n in lens) + ((GenPoint(args.batch, 128),) if args.batch else ())
@@ -135,7 +136,9 @@ def main() -> None:
            "latency": {k: [dataclasses.asdict(r) for r in v] for k, v in lat.items()},
            "long_output": {k: [dataclasses.asdict(r) for r in v] for k, v in long.items()},
            "peak_rss": rss, "host": host_info().as_dict(), "versions": versions(), "paper_claim": PAPER,
-           "seconds": round(time.perf_counter() - t_start, 1)}
+           "seconds": round(time.perf_counter() - t_start, 1),
+           # the machine is shared: 1-minute load average at start and end (2 cores here), for the reader
+           "load_avg_1min": [round(load_start[0], 2), round(os.getloadavg()[0], 2)]}
     out["comparison"] = comparison(out)
     save(args.name, out, table, plot)
 
@@ -164,14 +167,17 @@ def table(out: dict) -> str:
              f"Command: `{out['command']}` ({out['seconds'] / 60:.1f} min). Host: {out['host']['cpu_model']}, "
              f"{out['host']['physical_cores']} cores, onnxruntime {out['host']['onnxruntime']} CPU EP, "
              f"VNNI {'yes' if out['host']['has_vnni'] else 'no'}. Random weights from published configs "
-             "(latency does not depend on the values); all variants timed interleaved, round by round.", "",
-             "| model | kind | parameters | config | fp32 MB | int8 MB | greedy tokens = torch (fp32) |", "|---|---|---|---|---|---|---|"]
+             "(latency does not depend on the values); all variants timed interleaved, round by round."
+             + (f" Shared machine: 1-min load average {out['load_avg_1min'][0]} at start, {out['load_avg_1min'][1]} at end."
+                if "load_avg_1min" in out else ""), "",
+             "| model | kind | parameters | config | fp32 MB | int8 MB | greedy tokens = torch: fp32 (gated) | int8 (recorded) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in (dec, enc):
         f = m[name]
-        p = f["parity_fp32"]
+        p, q = f["parity_fp32"], f["parity_int8_vs_torch"]
         lines.append(f"| {name} | {f['kind']} | {f['parameters'] / 1e6:.1f} M | `{json.dumps(f['config'])}` | "
                      f"{sum(f['fp32_bytes'].values()) / 1e6:.0f} | {sum(f['int8_bytes'].values()) / 1e6:.0f} | "
-                     f"{p['identical']}/{p['prompts']} ({p['ties']} ties) |")
+                     f"{p['identical']}/{p['prompts']} ({p['ties']} ties) | {q['identical']}/{q['prompts']} |")
     lines += ["", f"TTFT = input ids to first token ({dec}: prefill; {enc}: encoder + first decoder step). tokens/s = "
               f"steady-state decode with the KV cache, per sequence; {out['latency'][dec + ' fp32'][0]['new_tokens']} "
               "new tokens per run; p50 over the runs. Tokenization not included.", "",
