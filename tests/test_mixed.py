@@ -164,3 +164,17 @@ def test_mixed_search_mixes_precisions(tiny_dirs, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     assert sum(m["layers"].values()) == 13
     assert ops["MatMulNBits"] + ops["GatherBlockQuantized"] == m["layers"]["int4-weights"]
+
+
+def test_latency_aware_times_the_feasible_probes_and_the_all_int8_boundary(tiny_dirs, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[stages]]\ntype = "quant.mixed"\nlatency_aware = true\nlatency_runs = 3\nmax_drop = 100\n')
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out), "--runs", "3",
+                                    "--shapes", "1x16"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "report.json").read_text())["stages"][0]["metrics"]
+    timed = {t["k"]: t["p50_ms"] for t in m["latency_timed"]}
+    assert set(timed) == {13, 26} and all(v > 0 for v in timed.values())     # all int8 (boundary) and all int4
+    assert m["moves_applied"] == min(timed, key=lambda k: (timed[k], -k))
+    assert m["evaluations"] == 3

@@ -323,18 +323,30 @@ def rank_moves(cfg: MixedQuant, lm, layers: dict, texts: list[str], progress) ->
         base = _context_change(lm, layers, batches, refs, context_assignment, cache, cfg) if src != "float" else 0.0
         for m in cls:
             m.context = m.context - base          # the move's own share, not the context's
+        moves += cls
+    info = {"traces": traces, "hessian_seconds": round(t_hessian, 1),
+            "context_seconds": round(time.perf_counter() - t0, 1)}
+    return order_moves(moves, cfg.ordering), info
+
+
+def order_moves(moves: list[Move], ordering: str) -> list[Move]:
+    """Score every move and sort within its class (float->int8 moves first, then int8->int4), keeping the class
+    order. hessian: omega / mean omega. augmented: sqrt(omega_hat * context_hat). Both per MB saved."""
+    import dataclasses
+
+    out: list[Move] = []
+    for src in dict.fromkeys(m.src for m in moves):
+        cls = [dataclasses.replace(m) for m in moves if m.src == src]
         mo = np.mean([m.omega for m in cls]) or 1.0
         mc = np.mean([max(m.context, 0.0) for m in cls]) or 1.0
         for m in cls:
             # A marginal change at or below zero is under the measurement's resolution, not a free move: floor it
             # at 5% of the class mean so the geometric mean does not erase the Hessian's signal.
             ctx_hat = max(m.context / mc, 0.05)
-            sens = m.omega / mo if cfg.ordering == "hessian" else float(np.sqrt((m.omega / mo) * ctx_hat))
+            sens = m.omega / mo if ordering == "hessian" else float(np.sqrt((m.omega / mo) * ctx_hat))
             m.score = sens / max(m.bytes_saved, 1) * 1e6        # sensitivity per MB saved
-        moves += sorted(cls, key=lambda m: m.score)
-    info = {"traces": traces, "hessian_seconds": round(t_hessian, 1),
-            "context_seconds": round(time.perf_counter() - t0, 1)}
-    return moves, info
+        out += sorted(cls, key=lambda m: m.score)
+    return out
 
 
 def word_embeddings(lm) -> dict:
@@ -393,17 +405,21 @@ class Search:
     base_score: float
     budget: tuple[float, float]               # (min_drop, max_drop) in points of the metric
     trajectory: list[dict] = field(default_factory=list)
-    cache: dict = field(default_factory=dict)   # frozenset(assignment) -> (score, bytes)
+    seen: set = field(default_factory=set)    # distinct assignments this search needed scored
+    models: dict = field(default_factory=dict)   # frozenset(assignment) -> (path, score, bytes); may be shared
 
 
 def _probe(k: int, moves, layers, node_of, src: Path, work: Path, cfg, ctx, search: Search, progress) -> dict:
+    import hashlib
+
     a = assignment_after(layers, moves, k)
     key = frozenset(a.items())
-    path = work / f"mixed-k{k}.onnx"
-    if key not in search.cache or not path.exists():
+    search.seen.add(key)
+    if key not in search.models or not Path(search.models[key][0]).exists():
+        path = work / f"mixed-{hashlib.sha1(repr(sorted(a.items())).encode()).hexdigest()[:12]}.onnx"
         build_onnx(src, path, layers, a, node_of, cfg, ctx)
-        search.cache[key] = (ctx.scorer.score(path), file_bytes(path))
-    score, size = search.cache[key]
+        search.models[key] = (str(path), ctx.scorer.score(path), file_bytes(path))
+    path, score, size = search.models[key]
     drop = search.base_score - score
     counts = {p: sum(v == p for v in a.values()) for p in ladder(cfg)}
     row = {"k": k, "score": round(score, 4), "drop": round(drop, 4), "bytes": size, "layers": counts,
@@ -434,10 +450,15 @@ def bisect(n_moves: int, probe: Callable[[int], dict], budget: tuple[float, floa
         k = (lo + hi) // 2
 
 
+def class_boundaries(moves: list[Move]) -> list[int]:
+    """k values where a precision class ends (e.g. every layer int8, nothing int4 yet)."""
+    return [k for k in range(1, len(moves)) if moves[k].src != moves[k - 1].src]
+
+
 def _latency_pick(rows: list[dict], cfg: MixedQuant, progress) -> tuple[dict, list[dict]]:
     from runtimes.profiler import ProfileConfig, Shape, measure_latency
 
-    feasible = [r for r in rows if r["feasible"]]
+    feasible = list({r["k"]: r for r in rows if r["feasible"]}.values())
     progress(f"quant.mixed: timing {len(feasible)} feasible probes interleaved (latency-aware)")
     lat = measure_latency({f"k{r['k']}": Path(r["path"]) for r in feasible},
                           ProfileConfig(shapes=(Shape(1, 128),), runs=cfg.latency_runs))
@@ -447,9 +468,21 @@ def _latency_pick(rows: list[dict], cfg: MixedQuant, progress) -> tuple[dict, li
     return best, feasible
 
 
-def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
-    import shutil
+@dataclass(frozen=True)
+class Plan:
+    """The search's inputs, computed once: layers, their ONNX nodes, the ordered moves, the sensitivities."""
 
+    layers: dict
+    node_of: dict
+    moves: list
+    info: dict
+
+
+def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
+    return run_search(cfg, plan_search(cfg, src, ctx), src, dst, ctx)
+
+
+def plan_search(cfg: MixedQuant, src: Path, ctx: OnnxContext) -> Plan:
     import onnx
 
     from compress.models import linear_layers
@@ -476,22 +509,40 @@ def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict
     texts = list(ctx.calibration_texts[:cfg.calibration_samples])
     if not texts:
         raise StageError("quant.mixed needs calibration text: pass --data FILE or keep the shipped sentences")
-    t_start = time.perf_counter()
     moves, info = rank_moves(cfg, lm, layers, texts, progress)
+    return Plan(layers, node_of, moves, info)
 
-    work = dst.parent / (dst.stem + "-search")
+
+def run_search(cfg: MixedQuant, plan: Plan, src: Path, dst: Path, ctx: OnnxContext, work: Path | None = None,
+               models: dict | None = None, base: float | None = None) -> dict:
+    """Bisection (and the latency-aware pick) over a plan; writes the chosen model to dst and returns the account.
+    ``work`` / ``models`` / ``base`` let several searches share built and scored models (benchmarks)."""
+    import shutil
+
+    layers, node_of, moves, info = plan.layers, plan.node_of, plan.moves, plan.info
+    progress = ctx.progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    own_work = work is None
+    work = work or dst.parent / (dst.stem + "-search")
     work.mkdir(parents=True, exist_ok=True)
     try:
-        base = ctx.scorer.score(src)
+        base = ctx.scorer.score(src) if base is None else base
         scale = abs(base) / 100 if cfg.relative else 1.0
-        search = Search(base_score=base, budget=(cfg.min_drop * scale, cfg.max_drop * scale))
+        search = Search(base_score=base, budget=(cfg.min_drop * scale, cfg.max_drop * scale),
+                        models=models if models is not None else {})
         t0 = time.perf_counter()
         k = bisect(len(moves), lambda k: _probe(k, moves, layers, node_of, src, work, cfg, ctx, search, progress),
                    search.budget)
-        evaluations = len(search.trajectory) + 1          # + the float model's score
+        evaluations = len(search.seen) + 1                # distinct models scored + the float model
         chosen = next((r for r in search.trajectory if r["k"] == k), None)
         timed: list[dict] = []
-        if cfg.latency_aware and any(r["feasible"] for r in search.trajectory):
+        if cfg.latency_aware and k > 0:
+            # the class boundaries below k (e.g. all int8) are feasible too when the drop grows with k: probe them,
+            # since a lower precision is not always faster (int4 MatMulNBits vs int8 on a CPU without VNNI)
+            for b in class_boundaries(moves):
+                if b < k:
+                    _probe(b, moves, layers, node_of, src, work, cfg, ctx, search, progress)
+            evaluations = len(search.seen) + 1
             chosen, timed = _latency_pick(search.trajectory, cfg, progress)
             k = chosen["k"]
         assignment = assignment_after(layers, moves, k)
@@ -502,7 +553,8 @@ def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict
         alone = _measure_alone(cfg, layers, node_of, src, work, ctx, base, progress) if cfg.measure_alone else {}
         search_seconds = time.perf_counter() - t0
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
 
     per_layer = _per_layer(cfg, layers, moves, info["traces"], assignment, alone)
     first_bad = next((r for r in search.trajectory if not r["feasible"]), None)
@@ -522,7 +574,8 @@ def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict
         "layers": {p: sum(v == p for v in assignment.values()) for p in ladder(cfg)},
         "bytes_before": file_bytes(src), "bytes": file_bytes(dst),
         "hessian_seconds": info["hessian_seconds"], "context_seconds": info["context_seconds"],
-        "search_seconds": round(search_seconds, 1), "seconds": round(time.perf_counter() - t_start, 1),
+        "search_seconds": round(search_seconds, 1),
+        "seconds": round(time.perf_counter() - t_start + info["hessian_seconds"] + info["context_seconds"], 1),
         "trajectory": search.trajectory, "per_layer": per_layer, "order": [m.as_dict() for m in moves],
     }
 
