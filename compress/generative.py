@@ -69,6 +69,13 @@ def run_generative(cfg, prep, kind: GenKind, progress: Progress = lambda msg: No
     from export.generative import load_torch
 
     model, tokenizer = load_torch(resolve_path(cfg.model), kind)
+    from runtimes.generative import check_lengths
+
+    try:
+        check_lengths(model.config.to_dict(), gen_profile_config(cfg.latency.shapes, cfg.latency.runs,
+                                                                 cfg.latency.threads, cfg.new_tokens))
+    except ValueError as e:
+        raise CompressError(str(e)) from None
     prep.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
     try:

@@ -159,6 +159,17 @@ class OrtGenerator:
         return out, ttft, steps
 
 
+def check_lengths(config: dict, cfg: GenProfileConfig) -> None:
+    """Refuse input + output lengths past the model's learned positions (GPT-2 style) before any timing."""
+    limit = config.get("n_positions") or config.get("max_position_embeddings")
+    if config.get("is_encoder_decoder") or not limit:
+        return                                  # relative / rotary positions: no hard limit in the graph
+    longest = max(p.input_len for p in cfg.points) + cfg.new_tokens
+    if longest > int(limit):
+        raise ValueError(f"input length + new tokens = {longest} exceeds the model's {limit} positions: "
+                         "use shorter --shapes or fewer --new-tokens")
+
+
 def random_ids(batch: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
     """Prompt ids for timing (the content does not change the work done; the length does)."""
     rng = np.random.default_rng(seed)
@@ -188,6 +199,8 @@ def measure_generation(models: dict[str, Path], cfg: GenProfileConfig = GenProfi
                        on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[GenLatency]]:
     """Time every artefact folder at every point, interleaved round by round. {label: [GenLatency per point]}."""
     gens = {label: OrtGenerator(path, threads=cfg.threads) for label, path in models.items()}
+    for g in gens.values():
+        check_lengths(g.config, cfg)
     labels = list(gens)
     total, done = len(cfg.points) * cfg.runs, 0
     results: dict[str, list[GenLatency]] = {label: [] for label in labels}

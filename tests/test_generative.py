@@ -152,10 +152,11 @@ def test_profile_gpt2_folder(gen_models):
     (["--recipe", "static-int8"], "quant.static is not built for generative"),
     (["--recipe", "int4"], "quant.int4 is not built for generative"),
     (["--eval", "stsb:x.csv"], "does not apply to a generative model"),
+    (["--shapes", "1x300"], "exceeds the model's 256 positions"),
 ])
 def test_generative_refusals_one_line_nothing_written(gen_models, tmp_path, args, needle):
     out = tmp_path / "out"
-    res = _invoke(["run", str(gen_models["gpt2-tiny"][0]), "--out", str(out)] + args + FAST)
+    res = _invoke(["run", str(gen_models["gpt2-tiny"][0]), "--out", str(out)] + FAST + args)
     assert res.exit_code == 2
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], res.output
