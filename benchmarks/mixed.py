@@ -131,6 +131,9 @@ def main() -> None:
             r["mb"] = round(file_bytes(p) / 1e6, 2)
             log(f"{r['variant']}: dev {r['stsb_dev']} held-out {r['stsb_heldout']} {r['mb']} MB")
 
+        inc = neural_compressor_rtn(lm, dev, heldout)
+        log(f"Neural Compressor RTN int4 (torch): {inc}")
+
         log("per layer: each layer alone at int4, fidelity drop (ORT)")
         alone = _measure_alone(base_cfg, plan.layers, plan.node_of, fp32, work, fid_ctx, bases["fidelity"], log)
         per_layer = []
@@ -160,11 +163,32 @@ def main() -> None:
            "plan_minutes": round(plan_minutes, 2), "hessian_seconds": plan.info["hessian_seconds"],
            "context_seconds": plan.info["context_seconds"], "hutchinson_samples": base_cfg.hutchinson_samples,
            "calibration_samples": base_cfg.calibration_samples, "layers": len(plan.layers),
-           "base_scores": bases, "per_layer": per_layer, "rank_correlation_with_alone": corr, "traces": traces,
+           "base_scores": bases, "neural_compressor_rtn": inc, "per_layer": per_layer, "rank_correlation_with_alone": corr, "traces": traces,
            "command": f"python benchmarks/mixed.py --runs {args.runs} --heldout-pairs {args.heldout_pairs}"
                       + (f" --model {args.model}" if args.model != "minilm" else ""),
            "minutes": round((time.perf_counter() - t_start) / 60, 1)}
     save(args.name, out, table, plot)
+
+
+def neural_compressor_rtn(lm, dev: Path, heldout: Path) -> dict:
+    """Cross-check of the int4 grid: Neural Compressor's own RTN weight-only int4 (asymmetric, group 32, every
+    Linear; neural_compressor.torch.quantization) scored in torch on the same splits."""
+    import copy
+    import dataclasses
+
+    from compress.evaluate import stsb_spearman
+    from compress.models import torch_outputs
+
+    try:
+        from neural_compressor.torch.quantization import RTNConfig, convert, prepare
+
+        q = convert(prepare(copy.deepcopy(lm.model), RTNConfig(bits=4, group_size=32, use_sym=False)))
+        lq = dataclasses.replace(lm, model=q)
+        return {"config": "RTNConfig(bits=4, group_size=32, use_sym=False), every nn.Linear",
+                "stsb_dev": round(stsb_spearman(lambda t: torch_outputs(lq, t), dev), 3),
+                "stsb_heldout": round(stsb_spearman(lambda t: torch_outputs(lq, t), heldout), 3)}
+    except Exception as e:      # a cross-check, never fatal to the benchmark
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def table(out: dict) -> str:
@@ -188,6 +212,13 @@ def table(out: dict) -> str:
               f"fidelity drop of that layer alone at int4 (ORT, {out['layers']} layers): augmented {c['augmented']:+.3f}, "
               f"plain Hessian {c['hessian']:+.3f}.", "",
               f"Command: `{out['command']}` ({out['minutes']} min).", ""]
+    inc = out.get("neural_compressor_rtn", {})
+    if "stsb_dev" in inc:
+        lines += [f"Cross-check with Neural Compressor's RTN int4 weight-only ({inc['config']}, run in torch): STS-B dev "
+                  f"{inc['stsb_dev']:.2f}, held-out {inc['stsb_heldout']:.2f} (compare the uniform int4 row, ORT's "
+                  "MatMulNBits grid on the encoder Linears).", ""]
+    elif inc:
+        lines += [f"Neural Compressor RTN cross-check failed: {inc['error']}", ""]
     lines += ["Fidelity-budget searches, trajectory (k: moves applied; drop in fidelity points):", ""]
     for r in out["rows"]:
         if r.get("metric") == "fidelity":
