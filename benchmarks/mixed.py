@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import dataclasses
 import tempfile
 import time
@@ -28,6 +29,7 @@ from _results import save
 from compress.cli import _quiet_libraries
 
 STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
+LOCK = "/tmp/edge-bench.lock"
 
 
 def log(msg: str) -> None:
@@ -147,8 +149,10 @@ def main() -> None:
             corr[ordering] = round(float(spearmanr([r["score"] for r in sel], [r["fidelity_drop_alone"] for r in sel]).statistic), 3)
         traces = {n: t for n, t in plan.info["traces"].items()}
 
-        log(f"timing {len(paths)} models interleaved (1x128, {args.runs} runs)")
-        lat = measure_latency(paths, ProfileConfig(shapes=(Shape(1, 128),), runs=args.runs))
+        log(f"timing {len(paths)} models interleaved (1x128, {args.runs} runs), under {LOCK}")
+        with open(LOCK, "w") as lock:     # one latency measurement on this machine at a time (other benchmarks too)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lat = measure_latency(paths, ProfileConfig(shapes=(Shape(1, 128),), runs=args.runs))
     fp = rows[0]
     int8 = next(r for r in rows if r["variant"] == "uniform dynamic-int8")
     for r in rows:
