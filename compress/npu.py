@@ -3,7 +3,8 @@
 - ``npu-qnn-htp`` (runtimes/qnn.py): static shapes -> QDQ for the HTP -> compile on the HTP simulator with CPU
   fallback disabled -> per-op placement (or the blockers and their fixes) -> EPContext model; accuracy on the NPU
   numerics path; latency from the roofline, labelled analytic (never the simulator's cycles).
-- ``npu-ethos-u55`` / ``-u65`` (runtimes/vela.py, export/tflite_export.py): torch -> int8 TFLite (litert-torch) ->
+- ``npu-ethos-u55`` / ``-u65`` (runtimes/vela.py, export/tflite_export.py): torch -> integer TFLite (litert-torch,
+  ai-edge-quantizer) ->
   Vela with explicit configs -> per-layer cycles and NPU/CPU placement; latency labelled vendor_model.
 
 The recipe's torch-level stages (pruning, ...) apply first; its ONNX-level stages do not, because each target
@@ -22,6 +23,9 @@ from compress.errors import CompressError
 
 Progress = Callable[[str], None]
 BACKENDS = {"onnxruntime-qnn": "qnn", "vela": "vela"}
+# Ops that mark a graph as quantized already (QDQ, ORT's integer and 4-bit kernels): profile checks it as it is.
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul",
+                 "MatMulNBits", "QAttention", "DynamicQuantizeMatMul", "QGemm"}
 SIM_SAMPLES = 8     # held-out sentences run through the HTP simulator (~5-15 s each at 1x128 on one core)
 
 
@@ -202,19 +206,20 @@ def run_vela(lm, profile, calibration, heldout, evals, shape, staging: Path, wor
              progress: Progress) -> tuple[dict, list[dict]]:
     from compress.evaluate import evaluate
     from compress.models import torch_outputs
-    from export.tflite_export import export_int8_tflite, tflite_outputs
+    from export.tflite_export import export_int_tflite, tflite_outputs
     from runtimes import vela
 
     batch, seq = shape.batch, shape.seq
     config = vela.VelaConfig.from_profile(profile)
-    tflite = staging / "model_int8.tflite"
-    conversion = export_int8_tflite(lm, tflite, calibration, batch, seq, progress)
+    activations = profile.option("activations", "int16")
+    tflite = staging / "model_int.tflite"
+    conversion = export_int_tflite(lm, tflite, calibration, batch, seq, activations, progress)
     original = lambda t: torch_outputs(lm, t)
     converted = lambda t: tflite_outputs(tflite, lm, t, batch, seq)
     results = []
     for spec in evals:
-        progress(f"evaluating {spec}: int8 TFLite in the LiteRT interpreter (CPU) vs the torch model")
-        results.append(dict(evaluate(spec, original, converted, heldout), path="tflite-int8-litert"))
+        progress(f"evaluating {spec}: {activations}x8 TFLite in the LiteRT interpreter (CPU) vs the torch model")
+        results.append(dict(evaluate(spec, original, converted, heldout), path=f"tflite-{activations}x8-litert"))
     progress(f"Vela: {config.accelerator_config}, {config.system_config}, {config.memory_mode}")
     res = vela.compile_tflite(tflite, staging / "vela", config)
     section = {"backend": "vela", "tool": res.tool, "conversion": conversion, **vela.report(res, batch, seq)}
@@ -340,15 +345,15 @@ def write(report: dict, folder: Path) -> None:
 
 def profile_artifact(path: Path, profile, batch: int, seq: int, progress: Progress = lambda msg: None) -> dict:
     """Pre-flight an existing artefact: QNN on an .onnx (fp32 is made static + QDQ first; calibration on the
-    shipped sentences needs the tokenizer beside it), Vela on an int8 .tflite."""
+    shipped sentences needs the tokenizer beside it), Vela on an integer .tflite."""
     require(profile)
     if backend(profile) == "vela":
         from runtimes import vela
 
         if path.is_dir():
-            path = path / "model_int8.tflite"
+            path = path / "model_int.tflite"
         if path.suffix != ".tflite" or not path.is_file():
-            raise CompressError(f"{path}: the Ethos-U target compiles an int8 .tflite: pass one, or an artefact folder "
+            raise CompressError(f"{path}: the Ethos-U target compiles an integer .tflite: pass one, or an artefact folder "
                                 "from `compress run MODEL --target npu-ethos-u55`")
         with tempfile.TemporaryDirectory(prefix="vela-") as tmp:
             res = vela.compile_tflite(path, Path(tmp), vela.VelaConfig.from_profile(profile))
@@ -368,12 +373,16 @@ def _profile_qnn(path: Path, profile, batch: int, seq: int, progress: Progress) 
     if not model.is_file():
         raise CompressError(f"{model} not found: pass an artefact folder holding model.onnx, or an .onnx file")
     graph = onnx.load(str(model), load_external_data=False).graph
-    is_qdq = any(n.op_type == "QuantizeLinear" for n in graph.node)
+    quantized = any(n.op_type in QUANTIZED_OPS for n in graph.node)
     static = all(d.HasField("dim_value") for i in graph.input for d in i.type.tensor_type.shape.dim)
     with tempfile.TemporaryDirectory(prefix="qnn-") as tmp:
         work = Path(tmp)
         qdq = model
-        if not (is_qdq and static):
+        if quantized and not static:         # someone else's quantization: only the shapes are fixed
+            progress(f"static {batch}x{seq} (the graph is quantized already: checked as it is)")
+            qdq = work / "static.onnx"
+            qnn.prepare_static(model, qdq, batch, seq)
+        elif not quantized:
             from transformers import AutoTokenizer
 
             try:
@@ -381,19 +390,20 @@ def _profile_qnn(path: Path, profile, batch: int, seq: int, progress: Progress) 
             except Exception:
                 raise CompressError(f"{folder} has no tokenizer to calibrate with: pass an artefact folder from "
                                     "compress run") from None
-            progress(f"static {batch}x{seq} + QDQ (uint16 activations, uint8 weights)")
+            activations = profile.option("activations", "uint16")
+            progress(f"static {batch}x{seq} + QDQ ({activations} activations, uint8 weights)")
             qnn.prepare_static(model, work / "static.onnx", batch, seq)
             calibration, _ = calibration_and_heldout(shipped_sentences())
             names = [i.name for i in cpu_session(work / "static.onnx", 1).get_inputs()]
             qdq = work / "qdq.onnx"
-            qnn.quantize_qdq(work / "static.onnx", qdq, qnn.static_feeds(tok, calibration, names, batch, seq))
+            qnn.quantize_qdq(work / "static.onnx", qdq, qnn.static_feeds(tok, calibration, names, batch, seq), activations)
         progress("partitioning and compiling on the HTP simulator (CPU fallback disabled)")
         placement = qnn.partition(qdq, profile, work)
         error = qnn.compile_context(qdq, profile, work / "ctx.onnx")
         ops = qnn.op_table(qdq, placement)
     return {"backend": "qnn", "tool": qnn.qnn_version(), "fallback_nodes": len(placement.cpu_nodes),
             "compiled_wholly_on_npu": error is None and not placement.cpu_nodes, "compile_error": error,
-            "blockers": qnn.blockers(placement), "ops": ops, "quantized_here": not (is_qdq and static)}
+            "blockers": qnn.blockers(placement), "ops": ops, "quantized_here": not quantized}
 
 
 def profile_text(res: dict) -> str:

@@ -99,8 +99,13 @@ def prepare_static(src: Path, dst: Path, batch: int, seq: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="qnn-pre-") as tmp:
         pre = Path(tmp) / "pre.onnx"
-        if not qnn_preprocess_model(str(src), str(pre), fuse_layernorm=True,
-                                    dynamic_input_shapes=static_inputs(src, batch, seq)):
+        shapes = static_inputs(src, batch, seq)
+        model = onnx.load(str(src))
+        if model.metadata_props:     # ORT 1.32's qnn_preprocess_model fails on them (dict.update of a proto list)
+            del model.metadata_props[:]
+            src = Path(tmp) / "src.onnx"
+            onnx.save(model, str(src))
+        if not qnn_preprocess_model(str(src), str(pre), fuse_layernorm=True, dynamic_input_shapes=shapes):
             pre = src
         model = onnx.load(str(pre))
     clamped = clamp_mask_fill(model)

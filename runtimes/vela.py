@@ -152,7 +152,10 @@ def compile_tflite(tflite: Path, out_dir: Path, config: VelaConfig, timeout_s: i
 def fix_for(op: str, reason: str) -> str:
     r = reason.lower()
     if "float" in r:
-        return "quantize it to int8/int16 (it stayed float after the PT2E quantizer)"
+        return "quantize it to int8/int16 (it stayed float after quantization)"
+    if "ifm type" in r or "int16" in r:
+        return (f"this Ethos-U takes {op} only with int8 inputs: quantize its inputs to int8 (mixed precision), "
+                "or leave it to the CPU (Ethos-U85 takes more int16 ops)")
     if "unsupported optype" in r:
         return f"Ethos-U has no {op}: replace it with supported ops, or leave it to the Cortex-M CPU"
     return "see Vela's reason (vela --supported-ops-report lists the constraints)"
