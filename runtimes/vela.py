@@ -116,7 +116,7 @@ def parse_cpu_reasons(stdout: str) -> dict[str, str]:
         m = _WARNING.match(line.strip())
         if m or not line.strip():
             if current is not None:
-                reasons[current] = " ".join(lines).strip()
+                reasons[current] = "\n".join(lines).strip()
             current, lines = (m["ofm"], []) if m else (None, [])
             continue
         if current is not None:
@@ -170,7 +170,7 @@ def report(res: VelaResult, batch: int = 1, seq: int = 0) -> dict:
     blockers = {}
     for row in cpu:
         reason = res.cpu_reasons.get(row["name"], "")
-        key = (row["op"], reason.split(" (")[0])
+        key = (row["op"], reason.splitlines()[0].split(" (")[0] if reason else "")
         if key not in blockers:
             blockers[key] = {"op": row["op"], "count": 0, "reason": key[1] or "placed on the CPU by Vela",
                              "fix": fix_for(row["op"], reason), "example": row["name"]}

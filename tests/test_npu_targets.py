@@ -189,6 +189,8 @@ def test_qnn_preflight_on_a_tiny_model(tiny_dirs, tmp_path):
     assert sim["samples"] > 0 and sim["agreement_with_cpu_emulation_mean"] > 0.9
     assert rep["eval"][0]["path"] == "qdq-cpu-emulation" and 0.5 < rep["eval"][0]["compressed"] <= 1.0
     assert "[analytic" in res.output
+    prof = _run(["profile", str(out), "--target", "npu-qnn-htp", "--shapes", "1x16"])
+    assert prof.exit_code == 0 and "compiles wholly onto the HTP simulator (0 fallback nodes)" in prof.output, prof.output
 
 
 @pytest.mark.skipif(not (_has("ethosu.vela") and _has("litert_torch")), reason="needs the [ethos] extra")
@@ -205,3 +207,5 @@ def test_ethos_u55_on_a_tiny_model(tiny_dirs, tmp_path):
     assert n["cycles_per_layer_sum"] == sum(r["cycles"] for r in n["layers"])
     assert (out / "model_int.tflite").is_file() and list((out / "vela").glob("*_vela.tflite"))
     assert "[vendor_model" in res.output
+    prof = _run(["profile", str(out), "--target", "npu-ethos-u55", "--shapes", "1x16"])
+    assert prof.exit_code == 0 and "[vendor_model]" in prof.output and "NPU cycles" in prof.output, prof.output
