@@ -221,6 +221,8 @@ _OPERATOR = re.compile(r"Operator type: (?P<op>\S+) Node name: (?P<name>.*?) Nod
 _REASON = re.compile(r"REASON : (?P<reason>.*)")
 _PLACED = re.compile(r"(?P<all>All nodes|Node\(s\)) placed on \[(?P<ep>[^\]]+)\]\. Number of nodes: (?P<n>\d+)")
 _PLACED_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{2,}(?P<op>\S+) \((?P<name>.*)\)\s*$")
+_BACKEND = re.compile(r"backendValidateOpConfig\(\) failed for node `(?P<name>[^`]*)` of type `(?P<qnn_op>[^`]*)` "
+                      r"with error code (?P<code>\d+)")
 
 
 @dataclass
@@ -239,7 +241,12 @@ def parse_partition_log(text: str) -> Placement:
     pending: list[str] | None = None          # node names of the FAILED block being read
     passed = False                            # reading a PASSED block
     current_ep = None
+    backend: dict[str, str] = {}             # node -> the HTP backend's validation error, logged before FAILED
     for line in lines:
+        m = _BACKEND.search(line)
+        if m:
+            backend[m["name"]] = f"QNN HTP backend validation failed for {m['qnn_op']} (error {m['code']})"
+            continue
         if _FAILED.search(line):
             pending, passed = [], False
             continue
@@ -257,7 +264,7 @@ def parse_partition_log(text: str) -> Placement:
         m = _REASON.search(line)
         if m and pending:
             for name in pending:
-                p.reasons[name] = m["reason"].strip()
+                p.reasons[name] = m["reason"].strip() + (f" ({backend[name]})" if name in backend else "")
             pending = None
             continue
         m = _PLACED.search(line)
@@ -285,6 +292,10 @@ def fix_for(op_type: str, reason: str) -> str:
         return "give every input a static shape (the pre-flight fixes batch x seq; check other inputs)"
     if "float" in r or "data type" in r or "datatype" in r:
         return "quantize it: the node must sit between DequantizeLinear/QuantizeLinear pairs (QDQ)"
+    if "backend validation failed" in r:
+        return (f"the HTP rejects this {op_type}'s tensor types or encodings (e.g. a uint8 table without QDQ from "
+                "CPU dynamic quantization): quantize the fp32 export for the HTP instead (compress run MODEL "
+                "--target npu-qnn-htp), or give the node QDQ-wrapped inputs")
     if "graph output" in r or "graph input" in r:
         return "keep graph I/O quantization on the NPU (offload_graph_io_quantization=0)"
     return f"see the reason; the QNN EP's supported-op list says which {op_type} attributes and types the HTP takes"

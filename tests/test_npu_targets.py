@@ -31,6 +31,17 @@ def test_qnn_partition_log_names_the_fallback_node_and_why():
     assert b["op_type"] == "Acosh" and b["node"] == "odd0" and "Acosh" in b["fix"]
 
 
+def test_qnn_backend_rejection_is_named_with_its_fix():
+    """A dynamic-int8 (CPU recipe) MiniLM: the uint8 embedding table's Gather is refused by the HTP backend."""
+    from runtimes.qnn import blockers, parse_partition_log
+
+    p = parse_partition_log((FIXTURES / "qnn_partition_dynamic_int8.log").read_text())
+    assert [op for op, _ in p.cpu_nodes] == ["Gather", "DequantizeLinear"]
+    gather = blockers(p)[0]
+    assert gather["reason"] == ("Failed to add node. (QNN HTP backend validation failed for Gather (error 3110))")
+    assert "--target npu-qnn-htp" in gather["fix"]
+
+
 def test_qnn_log_with_everything_on_the_npu_has_no_blockers():
     from runtimes.qnn import EP_NAME, blockers, parse_partition_log
 
