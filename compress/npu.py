@@ -183,7 +183,10 @@ def run_qnn(lm, profile, calibration, heldout, evals, shape, staging: Path, work
         latency["caveats"] = ["the HTP simulator's cycle counts are not used: they vary run to run and are far off "
                               "the hardware",
                               f"{activations} activations counted as int8 (1 byte, the int8 rate): optimistic where "
-                              "they are 16-bit", *latency["caveats"]]
+                              "they are 16-bit",
+                              *(c for c in latency["caveats"] if not c.startswith("op coverage is not checked")),
+                              f"op coverage checked on the HTP simulator: {len(placement.cpu_nodes)} fallback node(s); "
+                              "the roofline times every node as if on the NPU"]
     except (RooflineError, ValueError) as e:
         latency = {"batch": batch, "seq": seq, "source": "analytic", "error": str(e).splitlines()[0]}
     cpu = len(placement.cpu_nodes)
