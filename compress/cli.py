@@ -133,6 +133,10 @@ def _summary(report: dict) -> str:
     for e in report["eval"]:
         lines.append(f"  {e['name']}: {e['compressed']} (original {e['original']})")
     lines.append(f"  size: {report['artifact']['bytes'] / 1e6:.1f} MB (original {report['baseline_artifact']['bytes'] / 1e6:.1f} MB)")
+    if "gpu" in report:              # fp32 / fp16 / int8 variants on the CUDA / TensorRT EPs (compress.gpu)
+        from compress.gpu import variant_lines
+
+        lines += variant_lines(report["gpu"])
     return "\n".join(lines)
 
 
@@ -157,6 +161,8 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimat
         _estimate_cmd(artifact, load_target_or_fail(target), cfg.shapes, json_out)
         return
     if _npu_profile(artifact, load_target_or_fail(target), cfg.shapes[0], json_out):
+        return
+    if _gpu_profile(artifact, load_target_or_fail(target), baseline, cfg, json_out):
         return
     from export.generative import artifact_kind
 
@@ -230,6 +236,28 @@ def _npu_profile(artifact: Path, profile, shape, json_out: Path | None) -> bool:
     except CompressError as e:
         _fail(e)
     click.echo(npu.profile_text(res))
+    if json_out:
+        json_out.write_text(json.dumps({"target": profile.name, **res}, indent=2, default=str) + "\n")
+    return True
+
+
+def _gpu_profile(artifact: Path, profile, baseline, cfg, json_out: Path | None) -> bool:
+    """Measure an artefact on the CUDA / TensorRT EPs (compress.gpu); False for targets that are not GPUs.
+    Without a usable CUDA device the target is refused in one line (resolve_target), --estimate still works."""
+    if profile.kind != "gpu":
+        return False
+    from compress.gpu import profile_artifact, variant_lines
+    from compress.pipeline import resolve_target
+
+    try:
+        resolve_target(str(profile.source_file or profile.name))
+        res = profile_artifact(_onnx_path(artifact), profile, cfg.shapes, cfg.runs,
+                               _onnx_path(baseline) if baseline is not None else None, progress=_Clock(),
+                               on_latency=_latency_progress())
+    except CompressError as e:
+        _fail(e)
+    for line in variant_lines(res):
+        click.echo(line)
     if json_out:
         json_out.write_text(json.dumps({"target": profile.name, **res}, indent=2, default=str) + "\n")
     return True

@@ -63,12 +63,10 @@ def target_status(profile: DeviceProfile) -> tuple[str, str]:
         return npu.status(profile)
     if profile.kind == "cpu" and profile.latency_source == "measured":
         return "measured", "ONNX Runtime CPU EP on this host"
-    if profile.kind == "gpu":
-        import onnxruntime as ort
+    if profile.kind == "gpu":                 # measured only where a CUDA session really runs (compress.gpu)
+        from compress.gpu import status as gpu_status
 
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            return "estimate only", "no CUDA device / onnxruntime-gpu on this host"
-        return "estimate only", "CUDA is present, but GPU measurement is not built yet"
+        return gpu_status()
     missing = missing_requirements(profile)
     why = f"needs {', '.join(missing)} (not installed)" if missing else f"{profile.runtime} back-end not built yet"
     return "estimate only", why
@@ -373,13 +371,22 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
         results.append(evaluate(spec, encode_orig, encode_comp, heldout))
 
     shapes = ", ".join(str(s) for s in cfg.latency.shapes)
-    progress(f"measuring latency on the CPU ({shapes}; {cfg.latency.runs} runs each, original and compressed interleaved)")
-    lat = measure_latency({"original": baseline, "compressed": artifact}, cfg.latency, on_progress=on_latency)
     first = cfg.latency.shapes[0]
-    progress(f"op breakdown at {first} (ORT profiler)")
-    ops = {"shape": str(first),
-           "original": op_breakdown(baseline, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops),
-           "compressed": op_breakdown(artifact, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops)}
+    gpu = None
+    if prep.profile.kind == "gpu":     # CUDA / TensorRT EPs, fp32 / fp16 / int8 side by side (compress.gpu)
+        from compress.gpu import measure_run
+
+        lat, gpu = measure_run(cfg, prep, lm, baseline, artifact, tokenized_batches(lm, calibration), heldout, work,
+                               progress, on_latency)
+        ops = {"shape": str(first), "original": [], "compressed": [], "note": "CPU EP op breakdown not run for gpu"}
+    else:
+        progress(f"measuring latency on the CPU ({shapes}; {cfg.latency.runs} runs each, original and compressed "
+                 "interleaved)")
+        lat = measure_latency({"original": baseline, "compressed": artifact}, cfg.latency, on_progress=on_latency)
+        progress(f"op breakdown at {first} (ORT profiler)")
+        ops = {"shape": str(first),
+               "original": op_breakdown(baseline, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops),
+               "compressed": op_breakdown(artifact, first, cfg.latency.threads, cfg.latency.op_runs, cfg.latency.top_ops)}
 
     parity = {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()}
     if torch_stages:
@@ -387,6 +394,9 @@ def _run_in(cfg: RunConfig, prep: Prepared, lm: LoadedModel, evals: list[EvalSpe
     progress("roofline estimate for the host CPU profile (analytic, next to the measurement)")
     roofline = {label: [_estimate(path, prep.profile, shape) for shape in cfg.latency.shapes]
                 for label, path in (("original", baseline), ("compressed", artifact))}
-    return build_report(cfg=cfg, roofline=roofline, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
-                        artifact=artifact, baseline=baseline, parity=parity,
-                        evals=results, latency=lat, ops=ops)
+    report = build_report(cfg=cfg, roofline=roofline, lm=lm, recipe=recipe, profile=prep.profile, stages=stage_reports,
+                          artifact=artifact, baseline=baseline, parity=parity,
+                          evals=results, latency=lat, ops=ops)
+    if gpu is not None:
+        report["gpu"] = gpu
+    return report

@@ -48,7 +48,7 @@ def findings(report: dict) -> list[str]:
             out.append(f"{e['name']}: {e['compressed']:.2f} vs {e['original']:.2f} original ({e['delta']:+.2f}).")
     host = report["host"]
     quantized = any(s["name"].startswith("quant.") for s in report["stages"])
-    if quantized and not host["has_vnni"]:
+    if quantized and not host["has_vnni"] and report["target"]["kind"] == "cpu":
         out.append("This CPU has no VNNI/AMX: int8 runs on AVX2 (vpmaddubsw) and gains less than on VNNI or AMX CPUs; "
                    "re-measure on the deployment CPU.")
     return out
@@ -102,7 +102,8 @@ def markdown(report: dict) -> str:
              f"Recipe `{report['recipe']['name']}` ({report['recipe']['description']}); task {report['task']}; "
              f"host {report['host']['cpu_model']}.", "", "## Findings", ""]
     lines += [f"- {f}" for f in report["findings"]]
-    lines += ["", "## Latency (source: measured, ONNX Runtime CPU EP, original and compressed interleaved)", "",
+    tool = report["latency"][0].get("tool") or "ONNX Runtime CPU EP" if report["latency"] else "ONNX Runtime CPU EP"
+    lines += ["", f"## Latency (source: measured, {tool}, original and compressed interleaved)", "",
               "| shape | original p50 ms | compressed p50 ms | ratio | compressed p90 ms | p99 ms | seq/s | runs | threads |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c, b in zip(report["latency"], report["baseline_latency"]):
@@ -110,7 +111,8 @@ def markdown(report: dict) -> str:
                      f"{c['p90_ms']:.2f} | {c['p99_ms']:.2f} | {c['throughput_per_s']:.1f} | {c['runs']} | {c['threads']} |")
     roof = report.get("roofline", {})
     if roof:
-        lines += ["", "## Roofline estimate vs measurement (how far the estimator is from reality on this CPU)", "",
+        lines += ["", f"## Roofline estimate vs measurement (how far the estimator is from reality on "
+                      f"{'this CPU' if report['target']['kind'] == 'cpu' else report['target']['name']})", "",
                   "| shape | model | measured p50 ms | roofline ms (analytic) | estimate / measured |", "|---|---|---|---|---|"]
         for label, measured in (("original", report["baseline_latency"]), ("compressed", report["latency"])):
             for m, e in zip(measured, roof.get(label, [])):
@@ -120,6 +122,10 @@ def markdown(report: dict) -> str:
         first = next((e for rows in roof.values() for e in rows if "caveats" in e), None)
         if first:
             lines += [""] + [f"- {c}" for c in first["caveats"]]
+    if "gpu" in report:             # every GPU variant side by side (compress.gpu)
+        from compress.gpu import markdown_lines
+
+        lines += markdown_lines(report["gpu"])
     lines += ["", "## Accuracy", "", "| eval | metric | original | compressed |", "|---|---|---|---|"]
     for e in report["eval"]:
         lines.append(f"| {e['name']} | {e['metric']} | {e['original']} | {e['compressed']} |")
@@ -135,7 +141,8 @@ def markdown(report: dict) -> str:
     if not report["stages"]:
         lines.append("| (none) | | |")
     ops = report["ops"]
-    lines += ["", f"## Top ops at {ops['shape']} (ORT profiler, ms per run)", "", "| model | op | ms | share |", "|---|---|---|---|"]
+    if ops["original"] or ops["compressed"]:        # none on the gpu target (no CPU EP breakdown there)
+        lines += ["", f"## Top ops at {ops['shape']} (ORT profiler, ms per run)", "", "| model | op | ms | share |", "|---|---|---|---|"]
     for which in ("original", "compressed"):
         for o in ops[which]:
             lines.append(f"| {which} | {o['op_type']} | {o['ms_per_run']:.2f} | {o['share'] * 100:.1f}% |")
