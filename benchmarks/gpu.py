@@ -32,15 +32,14 @@ def log(msg: str) -> None:
 
 def measure(args) -> dict:
     from compress.data import calibration_and_heldout, shipped_sentences
-    from compress.gpu import FIDELITY_SAMPLES, _fidelity
+    from compress.gpu import FIDELITY_SAMPLES, _fidelity, trt_caveat, where
     from compress.models import load_model
     from compress.pipeline import tokenized_batches
     from compress.report import versions
     from export.onnx_export import export_onnx
     from export.verify import FLOAT_COSINE_MIN, verify_against_torch
     from runtimes.encode import ort_outputs
-    from runtimes.gpu import (CUDA_EP, TRT_EP, GpuConfig, device_name, measure_gpu, require_cuda, to_fp16,
-                              to_int8_qdq, variants_for)
+    from runtimes.gpu import TRT_EP, GpuConfig, measure_gpu, require_cuda, to_fp16, to_int8_qdq, variants_for
     from runtimes.host import host_info
     from runtimes.ort import cpu_session
     from runtimes.profiler import Shape
@@ -50,7 +49,7 @@ def measure(args) -> dict:
         raise SystemExit(f"error: none of {', '.join(args.eps)} is available here (this onnxruntime-gpu has "
                          f"{', '.join(require_cuda())})")
     shapes = tuple(Shape.parse(s) for s in args.shapes.split(","))
-    log(f"device: {device_name()}; EPs: {', '.join(eps)}")
+    log(f"device: {where(eps)}; EPs: {', '.join(eps)}")
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as tmp:
         work = Path(tmp)
         log("loading MiniLM and exporting fp32 ONNX (optimum), checked against torch")
@@ -75,11 +74,12 @@ def measure(args) -> dict:
         sample = heldout[:FIDELITY_SAMPLES]
         reference = ort_outputs(cpu_session(fp32, 0), lm.tokenizer, sample, lm.task, 128)
         fidelity = _fidelity(variants, lm, sample, reference, work / "trt-cache", cfg.device_id)
-    return {"device": device_name(), "eps": eps, "host": host_info().as_dict(), "platform": platform.platform(),
+    return {"device": where(eps), "eps": eps, "host": host_info().as_dict(), "platform": platform.platform(),
             "versions": versions(), "config": {"runs": args.runs, "warmup": args.warmup, "shapes": args.shapes},
             "conversions": conversions, "fidelity": fidelity,
             "variants": {label: [dataclasses.asdict(r) for r in rows] for label, rows in lat.items()},
-            "baseline": {"label": f"fp32/{'CUDA' if CUDA_EP in eps else 'TensorRT'}"},
+            "baseline": {"label": next(label for label in lat if label.startswith("fp32/"))},
+            "not_measured": trt_caveat(eps),
             "command": " ".join(["python", "benchmarks/gpu.py", *sys.argv[1:]]), "trt": TRT_EP in eps}
 
 
@@ -98,7 +98,7 @@ def table(out: dict) -> str:
                          f"{r['p99_ms']:.3f} | {r['throughput_per_s']:.1f} | {r['p50_ms'] / base[r['batch']]:.2f} | "
                          f"{r['engine_build_s']:.2f} | {f.get('fidelity_mean', '')} |")
     caveats = sorted({c for rows in out["variants"].values() for r in rows for c in r["caveats"]})
-    return "\n".join(lines + [""] + [f"- {c}" for c in caveats]) + "\n"
+    return "\n".join(lines + [""] + [f"- {c}" for c in caveats + out["not_measured"]]) + "\n"
 
 
 def main() -> None:

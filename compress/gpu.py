@@ -78,6 +78,15 @@ def where(eps: list[str]) -> str:
     return device_name() if any(e in EPS for e in eps) else f"{host_info().cpu_model} (CPU EP: harness check, not a GPU)"
 
 
+def trt_caveat(eps: list[str]) -> list[str]:
+    """Why there is no TensorRT column, when there is none."""
+    from runtimes.gpu import CUDA_EP, TRT_EP, trt_usable
+
+    if TRT_EP in eps or CUDA_EP not in eps:
+        return []
+    return [f"TensorRT EP not measured: {trt_usable()}"]
+
+
 def primary_ep(profile, eps: list[str]) -> tuple[str, list[str]]:
     """The profile's EP when this host has it, else the CUDA EP (with a caveat saying so)."""
     from runtimes.gpu import CUDA_EP
@@ -128,6 +137,7 @@ def measure_run(cfg, prep, lm, baseline: Path, artifact: Path, calibration: tupl
 
     eps = require_cuda()
     ep, caveats = primary_ep(prep.profile, eps)
+    caveats += trt_caveat(eps)
     runs = max(cfg.latency.runs, MIN_RUNS)
     if runs != cfg.latency.runs:
         caveats.append(f"--runs {cfg.latency.runs} raised to {runs}: the GPU path times >= {MIN_RUNS} runs")
@@ -179,7 +189,7 @@ def profile_artifact(artifact: Path, profile, shapes, runs: int, baseline: Path 
             raise CompressError(str(e)) from None
         progress(f"measuring on {where(eps)} ({len(variants)} variants interleaved, {gcfg.runs} runs each)")
         lat = measure_gpu(variants, shapes, gcfg, work=work, on_progress=on_latency, log=progress)
-    return {"device": where(eps), "eps": eps, "sparsity_2_4": sparse, "caveats": notes,
+    return {"device": where(eps), "eps": eps, "sparsity_2_4": sparse, "caveats": notes + trt_caveat(eps),
             "variants": {label: [dataclasses.asdict(r) for r in rows] for label, rows in lat.items()}}
 
 

@@ -18,6 +18,7 @@ int8. What stands beside them: the timing loop (ORT ships no Python timing tool)
 from __future__ import annotations
 
 import functools
+import importlib
 import shutil
 import subprocess
 import time
@@ -80,12 +81,6 @@ class GpuLatency:
 
 # --- what this host has -----------------------------------------------------------------------------------
 
-def available_eps() -> list[str]:
-    import onnxruntime as ort
-
-    return [e for e in EPS if e in ort.get_available_providers()]
-
-
 @functools.lru_cache(maxsize=1)
 def device_name() -> str:
     """'NVIDIA A10 (driver 550.54)' from nvidia-smi; 'CUDA device' where nvidia-smi is absent or fails."""
@@ -109,17 +104,31 @@ def parse_nvidia_smi(text: str, index: int = 0) -> str:
     return f"{name.strip()} (driver {driver.strip()})" if driver.strip() else name.strip()
 
 
-@functools.lru_cache(maxsize=1)
-def cuda_usable() -> str | None:
-    """None when a CUDA session really runs on the device; else why not (one line).
+def _preload() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (onnxruntime-gpu[cuda,cudnn]: ORT's ``preload_dlls``) and TensorRT's
+    libraries (``import tensorrt`` loads libnvinfer from the tensorrt-cu13 wheel) before the first GPU session, so a
+    machine with only wheels, no system CUDA toolkit, works. Failures are left to the probe below to report."""
+    import onnxruntime as ort
 
-    onnxruntime-gpu lists CUDAExecutionProvider even where no GPU or CUDA library is present, and ORT then falls
-    back to the CPU with a warning; so a tiny session is created and its providers are read back."""
+    if hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception:      # noqa: BLE001 - the session probe says what is missing
+            pass
+    try:
+        importlib.import_module("tensorrt")
+    except Exception:          # noqa: BLE001 - no TensorRT: the TensorRT EP probe reports it
+        pass
+
+
+def _probe(ep: str) -> str | None:
+    """None when a tiny session really runs on ``ep``; else why not (one line).
+
+    onnxruntime-gpu lists its EPs even where no GPU or library is present, and ORT then falls back (TensorRT to
+    CUDA, CUDA to the CPU) with a warning; so a session is created and its providers are read back."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    if CUDA_EP not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no {CUDA_EP} (the CPU build is installed)"
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
@@ -127,12 +136,42 @@ def cuda_usable() -> str | None:
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=[CUDA_EP])
-    except Exception as e:     # noqa: BLE001 - any load failure means no usable device; its first line says why
-        return f"the CUDA EP failed to start ({str(e).splitlines()[0][:160]})"
-    if sess.get_providers()[0] != CUDA_EP:
-        return "the CUDA EP fell back to the CPU (no CUDA device, or CUDA/cuDNN libraries missing)"
+        sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=[ep])
+    except Exception as e:     # noqa: BLE001 - any load failure means the EP is not usable; its first line says why
+        return f"the {ep} failed to start ({str(e).splitlines()[0][:160]})"
+    if sess.get_providers()[0] != ep:
+        return (f"the {ep} fell back to {sess.get_providers()[0]} (no CUDA device, or its CUDA/cuDNN/TensorRT "
+                "libraries missing)")
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_usable() -> str | None:
+    """None when a CUDA session really runs on the device; else why not (one line)."""
+    import onnxruntime as ort
+
+    if CUDA_EP not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no {CUDA_EP} (the CPU build is installed)"
+    _preload()
+    return _probe(CUDA_EP)
+
+
+@functools.lru_cache(maxsize=1)
+def trt_usable() -> str | None:
+    """None when a TensorRT EP session really runs; else why not (e.g. no tensorrt-cu13 libraries)."""
+    import onnxruntime as ort
+
+    if TRT_EP not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no {TRT_EP}"
+    _preload()
+    return _probe(TRT_EP)
+
+
+def available_eps() -> list[str]:
+    """The GPU EPs that really run here, CUDA first (TensorRT only where it starts too)."""
+    if cuda_usable() is not None:
+        return []
+    return [CUDA_EP] + ([TRT_EP] if trt_usable() is None else [])
 
 
 def require_cuda() -> list[str]:
@@ -232,18 +271,20 @@ def to_fp16(src: Path, dst: Path) -> dict:
 
 
 def to_int8_qdq(src: Path, dst: Path, calibration: tuple[dict, ...], host=None) -> dict:
-    """Static int8 QDQ with the quant.static stage's defaults (compress.stages.quant.apply_static).
+    """Static int8 QDQ through the quant.static stage (compress.stages.quant.apply_static), set for TensorRT.
 
-    TensorRT wants symmetric int8 activations (its Q/DQ are signed, zero point 0), so activations are int8 here,
-    unlike the CPU stage's uint8 default."""
+    TensorRT's Q/DQ are signed with zero point 0 (explicit quantization): activations are int8 and symmetric here,
+    unlike the CPU stage's asymmetric uint8 default. Symmetric activations cost accuracy on MiniLM (GELU outputs are
+    one-sided): the fidelity of this variant on the device is reported beside its latency."""
     from compress.stages.base import OnnxContext
     from compress.stages.quant import StaticQuant, apply_static
     from runtimes.host import host_info
 
     ctx = OnnxContext(calibration=tuple(calibration), host=host or host_info(), model_type="", num_heads=0,
                       hidden_size=0)
-    cfg = StaticQuant(activation_type="int8", weight_type="int8")
-    return apply_static(cfg, src, dst, ctx) | {"activation_type": "int8", "weight_type": "int8"}
+    cfg = StaticQuant(activation_type="int8", weight_type="int8", symmetric_activations=True)
+    return apply_static(cfg, src, dst, ctx) | {"activation_type": "int8", "weight_type": "int8",
+                                               "symmetric_activations": True}
 
 
 def two_four_fraction(path: Path) -> float:

@@ -75,6 +75,10 @@ def test_precision_of_artefacts_decides_the_tensorrt_flags(tiny_onnx, tiny_dirs,
                       return_tensors="np")),)
     metrics = gpu.to_int8_qdq(tiny_onnx, tmp_path / "q.onnx", calib)
     assert metrics["activation_type"] == "int8" and metrics["quantized"].get("QuantizeLinear", 0) > 0
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)   # what TensorRT accepts
     assert artifact_precision(tmp_path / "q.onnx") == ("int8-qdq", [])
     quantize_dynamic(str(tiny_onnx), str(tmp_path / "d.onnx"))
     precision, notes = artifact_precision(tmp_path / "d.onnx")
@@ -227,7 +231,7 @@ def test_cuda_listed_but_falling_back_to_cpu_is_not_usable(monkeypatch):
     gpu.cuda_usable.cache_clear()
     try:
         why = gpu.cuda_usable()
-        assert why is not None and "CUDA EP" in why
+        assert why is not None and "CUDAExecutionProvider" in why
     finally:
         gpu.cuda_usable.cache_clear()
 

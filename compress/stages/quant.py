@@ -78,6 +78,7 @@ class StaticQuant:
     reduce_range: str = "false"
     op_types: tuple[str, ...] = ("MatMul", "Gather")   # quantizing Add/Mul/Softmax too costs accuracy for little speed
     exclude: tuple[str, ...] = ()       # fnmatch patterns of node names kept in float
+    symmetric_activations: bool = False  # zero point 0 (ORT's ActivationSymmetric): TensorRT accepts only that
 
     def __post_init__(self) -> None:
         _check_choice("quant.static", "activation_type", self.activation_type, QTYPES)
@@ -161,7 +162,8 @@ def _quantize_static(cfg: StaticQuant, pre: Path, dst: Path, feeds: list[dict], 
                         weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
                         calibrate_method=getattr(CalibrationMethod, CALIBRATION[cfg.calibration_method]),
                         op_types_to_quantize=list(cfg.op_types) or None, nodes_to_quantize=nodes,
-                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
+                                       "ActivationSymmetric": cfg.symmetric_activations})
     finally:
         pre.unlink(missing_ok=True)
         for leftover in dst.parent.glob("augmented_model*.onnx"):
