@@ -35,8 +35,8 @@ CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 EPS = (CUDA_EP, TRT_EP)
 CPU_EP = "CPUExecutionProvider"     # only to check the harness itself where no GPU is (tests); labelled as such
-INSTALL_HINT = ('pip uninstall -y onnxruntime && pip install "edge-compress[gpu]" (onnxruntime-gpu; TensorRT EP '
-                'also needs tensorrt-cu13>=10.13,<11)')
+INSTALL_HINT = ('pip uninstall -y onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]>=1.27" '
+                '"tensorrt-cu13>=10.13,<11" (the [gpu-trt] extra\'s packages; README, Targets)')
 PRECISIONS = ("fp32", "fp16", "int8-qdq")
 MIN_RUNS = 100
 
