@@ -248,9 +248,13 @@ def _gpu_profile(artifact: Path, profile, baseline, cfg, json_out: Path | None) 
         return False
     from compress.gpu import profile_artifact, variant_lines
     from compress.pipeline import resolve_target
+    from export.generative import artifact_kind
 
     try:
         resolve_target(str(profile.source_file or profile.name))
+        if artifact_kind(artifact) is not None:
+            raise CompressError(f"{artifact} is a generative folder: those are not measured on the gpu target yet; "
+                                "use --target cpu")
         res = profile_artifact(_onnx_path(artifact), profile, cfg.shapes, cfg.runs,
                                _onnx_path(baseline) if baseline is not None else None, progress=_Clock(),
                                on_latency=_latency_progress())

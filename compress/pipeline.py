@@ -199,6 +199,8 @@ def run(cfg: RunConfig, progress: Progress = lambda msg: None,
     from compress.generative import generative_task, run_generative
 
     kind = generative_task(cfg.model, cfg.task)
+    if kind is not None and prep.profile.kind == "gpu":
+        raise CompressError(f"generative models ({kind}) are not measured on the gpu target yet: use --target cpu")
     if kind is not None:             # causal LM / seq2seq: the generative path, beside this one
         return run_generative(cfg, prep, kind, progress, on_latency)
     t_start = time.perf_counter()

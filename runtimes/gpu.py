@@ -270,21 +270,48 @@ def to_fp16(src: Path, dst: Path) -> dict:
             "fp32_initializers": inits.count(onnx.TensorProto.FLOAT), "converter": "onnxruntime.transformers.float16"}
 
 
-def to_int8_qdq(src: Path, dst: Path, calibration: tuple[dict, ...], host=None) -> dict:
+ONE_SIDED = {"Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Erf"}
+
+
+def after_one_sided_activation(path: Path, depth: int = 3) -> list[str]:
+    """Names of the weight MatMuls whose activation input comes from a GELU/ReLU (a GELU exports as
+    Div -> Erf -> Add -> Mul -> Mul): one-sided values waste half of a symmetric int8 range."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consts = {i.name for i in graph.initializer}
+
+    def one_sided(name: str, left: int) -> bool:
+        node = producer.get(name)
+        if node is None or left < 0:
+            return False
+        if node.op_type in ONE_SIDED:
+            return True
+        return node.op_type in ("Mul", "Add", "Div") and any(one_sided(i, left - 1) for i in node.input)
+
+    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in consts
+            and one_sided(n.input[0], depth)]
+
+
+def to_int8_qdq(src: Path, dst: Path, calibration: tuple[dict, ...], host=None,
+                keep_one_sided_float: bool = True) -> dict:
     """Static int8 QDQ through the quant.static stage (compress.stages.quant.apply_static), set for TensorRT.
 
     TensorRT's Q/DQ are signed with zero point 0 (explicit quantization): activations are int8 and symmetric here,
-    unlike the CPU stage's asymmetric uint8 default. Symmetric activations cost accuracy on MiniLM (GELU outputs are
-    one-sided): the fidelity of this variant on the device is reported beside its latency."""
+    unlike the CPU stage's asymmetric uint8 default. The MatMuls fed by a GELU/ReLU stay float (fp16 under
+    TensorRT): their one-sided inputs lose a bit to a symmetric range, which on MiniLM cost far more accuracy than
+    the rest together (benchmarks/gpu_int8_fidelity.py). The fidelity on the device is reported beside latency."""
     from compress.stages.base import OnnxContext
     from compress.stages.quant import StaticQuant, apply_static
     from runtimes.host import host_info
 
     ctx = OnnxContext(calibration=tuple(calibration), host=host or host_info(), model_type="", num_heads=0,
                       hidden_size=0)
-    cfg = StaticQuant(activation_type="int8", weight_type="int8", symmetric_activations=True)
+    keep = tuple(after_one_sided_activation(src)) if keep_one_sided_float else ()
+    cfg = StaticQuant(activation_type="int8", weight_type="int8", symmetric_activations=True, exclude=keep)
     return apply_static(cfg, src, dst, ctx) | {"activation_type": "int8", "weight_type": "int8",
-                                               "symmetric_activations": True}
+                                               "symmetric_activations": True, "kept_float": len(keep)}
 
 
 def two_four_fraction(path: Path) -> float:

@@ -75,6 +75,9 @@ def test_precision_of_artefacts_decides_the_tensorrt_flags(tiny_onnx, tiny_dirs,
                       return_tensors="np")),)
     metrics = gpu.to_int8_qdq(tiny_onnx, tmp_path / "q.onnx", calib)
     assert metrics["activation_type"] == "int8" and metrics["quantized"].get("QuantizeLinear", 0) > 0
+    kept = gpu.after_one_sided_activation(tiny_onnx)         # the FFN output MatMul of each of the 2 layers
+    assert len(kept) == 2 and all("layer." in k and k.endswith("output/dense/MatMul") for k in kept), kept
+    assert metrics["kept_float"] == 2
     q = onnx.load(str(tmp_path / "q.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
