@@ -96,6 +96,9 @@ def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, 
                            no_post_process=kind == "text2text-generation")
     for extra in out_dir.glob("decoder_model_merged.onnx*"):
         extra.unlink()
+    for f in ONNX_FILES[kind]:
+        if (out_dir / f).is_file():
+            materialise_transposed_weights(out_dir / f)
     tokenizer.save_pretrained(str(out_dir))
     if not (out_dir / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(str(out_dir))
@@ -105,6 +108,40 @@ def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, 
         raise CompressError(f"optimum's export wrote no {', '.join(missing)} into {out_dir}: "
                             "report this model's architecture as a bug")
     return paths
+
+
+def materialise_transposed_weights(path: Path, max_bytes: int = 1_500_000_000) -> int:
+    """MatMul(x, Transpose(W)) with W an initializer -> MatMul(x, W^T), W^T stored as its own initializer.
+
+    With ``accelerate`` installed, optimum de-duplicates tied weights: GPT-2's LM head then reads
+    Transpose(wte) and ORT's quantizer (which quantizes only MatMuls whose B is an initializer) leaves it fp32.
+    ORT constant-folds that Transpose at session load anyway, so this costs file size, not memory or time.
+    Files near protobuf's 2 GB limit are left as they are. Returns the number of Transposes folded.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if path.stat().st_size > max_bytes:
+        return 0
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    matmul_b = {n.input[1] for n in graph.node if n.op_type == "MatMul"}
+    folded = []
+    for t in graph.node:
+        if t.op_type != "Transpose" or t.input[0] not in inits or t.output[0] not in matmul_b:
+            continue
+        w = numpy_helper.to_array(inits[t.input[0]])
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if w.ndim == 2 and perm in (None, [1, 0]):
+            # the Transpose's output becomes an initializer of the same name: every consumer reads it unchanged
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), t.output[0]))
+            folded.append(t)
+    for t in folded:
+        graph.node.remove(t)
+    if folded:
+        onnx.save(model, str(path))
+    return len(folded)
 
 
 def load_ort(folder: Path, kind: GenKind, threads: int = 0) -> Any:

@@ -113,6 +113,11 @@ def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
         assert c["ttft_p50_ms"] > 0 and b["ttft_p50_ms"] > 0 and c["tokens_per_s"] > 0 and b["tokens_per_s"] > 0
         assert c["source"] == b["source"] == "measured"
     assert report["peak_rss"]["compressed"]["model_mb"] > 0
+    # every weight MatMul is int8, the tied LM head included (export materialises Transpose(wte))
+    graph = onnx.load(str(out / "model.onnx")).graph
+    inits = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
     assert _quantized_counts(out / "model.onnx").get("MatMulInteger", 0) > 0
     assert report["artifact"]["model.onnx"] < report["baseline_artifact"]["model.onnx"]
     # what an app does: load the folder with optimum and generate
