@@ -18,10 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compress.stages.base import StageError, TorchContext
-from compress.stages.distil import distil_loss, distil_train, student_outputs
-
-# Older names, still imported by compress/stages/mixed.py; the code lives in compress/stages/distil.py.
-_student_outputs, _distil_loss = student_outputs, distil_loss
+from compress.stages.distil import distil_train
 
 GRANULARITIES = ("unstructured", "channel", "head")
 
