@@ -84,19 +84,21 @@ def measure(args) -> dict:
 
 
 def table(out: dict) -> str:
+    from runtimes.gpu import placement_text
+
     base = {r["batch"]: r["p50_ms"] for r in out["variants"][out["baseline"]["label"]]}
     lines = [f"# MiniLM on {out['device']} (source: measured)", "",
              f"`{out['command']}`; {', '.join(out['eps'])}; onnxruntime {out['versions'].get('onnxruntime', '?')}; "
              f"{out['config']['runs']} timed runs per variant and shape, interleaved; IOBinding; first run excluded "
              "(engine build recorded).", "",
              f"| variant | shape | p50 ms | p90 ms | p99 ms | seq/s | vs {out['baseline']['label']} | engine build s | "
-             "fidelity (mean cosine vs fp32 CPU) |", "|---|---|---|---|---|---|---|---|---|"]
+             "nodes by EP | fidelity (mean cosine vs fp32 CPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, rows in out["variants"].items():
         f = out["fidelity"].get(label, {})
         for r in rows:
             lines.append(f"| {label} | {r['batch']}x{r['seq']} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | "
                          f"{r['p99_ms']:.3f} | {r['throughput_per_s']:.1f} | {r['p50_ms'] / base[r['batch']]:.2f} | "
-                         f"{r['engine_build_s']:.2f} | {f.get('fidelity_mean', '')} |")
+                         f"{r['engine_build_s']:.2f} | {placement_text(r['placement'])} | {f.get('fidelity_mean', '')} |")
     caveats = sorted({c for rows in out["variants"].values() for r in rows for c in r["caveats"]})
     return "\n".join(lines + [""] + [f"- {c}" for c in caveats + out["not_measured"]]) + "\n"
 

@@ -211,9 +211,11 @@ def variant_lines(section: dict) -> list[str]:
 
 def markdown_lines(section: dict) -> list[str]:
     """The report.md section: every variant side by side (measured on the device)."""
+    from runtimes.gpu import placement_text
+
     lines = ["", f"## GPU variants (source: measured on {section['device']}, interleaved, IOBinding, first run "
              "excluded)", "", "| variant | precision | shape | p50 ms | p90 ms | p99 ms | seq/s | engine build s | "
-             "fidelity (device vs fp32 CPU) |", "|---|---|---|---|---|---|---|---|---|"]
+             "nodes by EP | fidelity (device vs fp32 CPU) |", "|---|---|---|---|---|---|---|---|---|---|"]
     fid = section.get("fidelity", {})
     for label, rows in section["variants"].items():
         f = fid.get(label, {})
@@ -221,7 +223,7 @@ def markdown_lines(section: dict) -> list[str]:
         for r in rows:
             lines.append(f"| {label} | {r['precision']} | {r['batch']}x{r['seq']} | {r['p50_ms']:.3f} | "
                          f"{r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput_per_s']:.1f} | "
-                         f"{r['engine_build_s']:.2f} | {f_txt} |")
+                         f"{r['engine_build_s']:.2f} | {placement_text(r.get('placement', {}))} | {f_txt} |")
     caveats = sorted({c for rows in section["variants"].values() for r in rows for c in r["caveats"]}
                      | set(section.get("caveats", [])))
     return lines + [""] + [f"- {c}" for c in caveats]

@@ -77,6 +77,7 @@ class GpuLatency:
     engine_build_s: float = 0.0     # session creation + the excluded first run (TensorRT: the engine build)
     first_run_ms: float = 0.0
     provider_options: dict = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)   # EP -> nodes after ORT's partitioning (TensorRT: fused subgraphs)
 
 
 # --- what this host has -----------------------------------------------------------------------------------
@@ -378,6 +379,35 @@ def _summarise(times_s: list[float], batch: int, seq: int, v: Variant, build_s: 
                       provider_options=options)
 
 
+def placement(path: Path, ep: str, options: dict, device_id: int, log_file: Path) -> dict[str, int]:
+    """Nodes per EP after ORT's partitioning, read from its verbose session log (the same lines the QNN pre-flight
+    reads: runtimes.qnn.parse_partition_log). A separate session: verbose logging stays out of the timed one."""
+    import onnxruntime as ort
+
+    from runtimes.qnn import parse_partition_log, stderr_to
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 0
+    with stderr_to(log_file):
+        ort.InferenceSession(str(path), sess_options=so, providers=providers(ep, options, device_id))
+    return parse_partition_log(log_file.read_text(encoding="utf-8", errors="replace")).partitions
+
+
+def placement_caveats(ep: str, nodes: dict[str, int]) -> list[str]:
+    if not nodes:
+        return ["node placement not read (ORT's verbose log had no placement lines)"]
+    off = {k: v for k, v in nodes.items() if k != ep}
+    if not off:
+        return []
+    return ["not all on " + ep + ": " + ", ".join(f"{v} node(s) on {k}" for k, v in off.items())
+            + (" (host<->device copies inside the timed run)" if CPU_EP in off and ep != CPU_EP else "")]
+
+
+def placement_text(nodes: dict[str, int]) -> str:
+    """'TensorRT 3, CUDA 2' for a table cell."""
+    return ", ".join(f"{k.replace('ExecutionProvider', '')} {v}" for k, v in nodes.items())
+
+
 def _host_cpu() -> str:
     from runtimes.host import host_info
 
@@ -419,6 +449,8 @@ class _Bound:
         self.run()                                   # excluded: TensorRT builds (or loads) its engine here
         self.first_run_s = time.perf_counter() - t1
         self.build_s = time.perf_counter() - t0
+        # after the timed session built (and cached) its engine, so its build time is the real one
+        self.placement = placement(v.path, v.ep, self.options, cfg.device_id, cache_dir / "placement.log")
 
     def run(self) -> float:
         t0 = time.perf_counter()
@@ -459,7 +491,9 @@ def measure_gpu(variants: list[Variant], shapes, cfg: GpuConfig = GpuConfig(), w
                 on_progress(done, total)
         for v in variants:
             b = bound[v.label]
-            results[v.label].append(_summarise(times[v.label], shape.batch, shape.seq, v, b.build_s,
-                                               b.first_run_s * 1e3, b.options))
+            row = _summarise(times[v.label], shape.batch, shape.seq, v, b.build_s, b.first_run_s * 1e3, b.options)
+            row.placement = b.placement
+            row.caveats += placement_caveats(v.ep, b.placement)
+            results[v.label].append(row)
         del bound
     return results

@@ -169,6 +169,11 @@ def test_harness_times_interleaved_with_labels_on_cpu_ep(tiny_onnx, tmp_path):
             assert "not a GPU measurement" in r.caveats[0] and r.device != "CUDA device"
             assert 0 < r.min_ms <= r.p50_ms <= r.p90_ms <= r.p99_ms and r.engine_build_s > 0 and r.first_run_ms > 0
     assert res["fp16/CPU"][0].precision == "fp16"
+    nodes = res["fp32/CPU"][0].placement                     # read from ORT's verbose partitioning log
+    assert list(nodes) == [gpu.CPU_EP] and nodes[gpu.CPU_EP] > 0
+    assert gpu.placement_caveats(gpu.TRT_EP, {gpu.TRT_EP: 3, gpu.CUDA_EP: 2, gpu.CPU_EP: 1})[0].startswith(
+        "not all on TensorrtExecutionProvider: 2 node(s) on CUDAExecutionProvider, 1 node(s) on CPUExecutionProvider")
+    assert gpu.placement_caveats(gpu.CUDA_EP, {gpu.CUDA_EP: 5}) == []
     section = {"device": "host CPU (harness check)", "eps": [gpu.CPU_EP],
                "variants": {k: [r.__dict__ for r in v] for k, v in res.items()}}
     lines = variant_lines(section)
@@ -201,7 +206,7 @@ def test_run_target_gpu_end_to_end_through_the_harness_on_cpu_ep(tiny_dirs, tmp_
         assert all(r["runs"] == 100 and r["tool"].endswith("CPUExecutionProvider") for r in rows)
     assert report["latency"][0]["tool"].endswith("CPUExecutionProvider") and report["latency"][0]["runs"] == 100
     md = (out / "report.md").read_text()
-    assert "## GPU variants" in md and "| int8-qdq/CPU | int8-qdq | 1x16 |" in md
+    assert "## GPU variants" in md and "| int8-qdq/CPU | int8-qdq | 1x16 |" in md and "| CPU " in md
     assert "not a GPU measurement" in md
     assert "int8-qdq/CPU" in res.output and "roofline" in res.output
 
