@@ -189,6 +189,8 @@ def profile_artifact(artifact: Path, profile, shapes, runs: int, baseline: Path 
             raise CompressError(str(e)) from None
         progress(f"measuring on {where(eps)} ({len(variants)} variants interleaved, {gcfg.runs} runs each)")
         lat = measure_gpu(variants, shapes, gcfg, work=work, on_progress=on_latency, log=progress)
+    if runs < MIN_RUNS:
+        notes = [*notes, f"--runs {runs} raised to {MIN_RUNS}: the GPU path times >= {MIN_RUNS} runs"]
     return {"device": where(eps), "eps": eps, "sparsity_2_4": sparse, "caveats": notes + trt_caveat(eps),
             "variants": {label: [dataclasses.asdict(r) for r in rows] for label, rows in lat.items()}}
 

@@ -265,7 +265,9 @@ def test_cuda_and_tensorrt_measure_fp32_and_fp16(tiny_onnx, tmp_path):
         assert r.source == "measured" and r.ep in eps and r.runs == 100 and r.p50_ms > 0, label
         assert r.device and r.tool.startswith("onnxruntime ")
     if gpu.TRT_EP in eps:
-        assert any((tmp_path / "trt-cache").rglob("*")), "TensorRT wrote no engine cache"
+        assert any(p.suffix == ".engine" for p in (tmp_path / "trt-cache").rglob("*")), "TensorRT cached no engine"
+        trt_rows = [rows[0] for label, rows in res.items() if label.endswith("/TensorRT")]
+        assert all(r.placement.get(gpu.TRT_EP, 0) > 0 and r.engine_build_s > 0 for r in trt_rows)
 
 
 @needs_cuda
