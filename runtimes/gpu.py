@@ -202,9 +202,10 @@ def trt_options(cache_dir: Path, *, precision: str = "fp32", sparsity: bool = Fa
                 min_shape: tuple[int, int] | None = None) -> dict[str, str]:
     """TensorRT EP options for one variant.
 
-    fp16: ``trt_fp16_enable`` (an fp16-converted model needs it too: TensorRT 10 otherwise builds fp32 kernels
-    for the float layers). int8-qdq: ``trt_int8_enable`` with no calibration table, which makes TensorRT honour
-    the graph's Q/DQ scales (explicit quantization; TensorRT 11 accepts only that). sparsity: 2:4 sparse tensor
+    fp16: ``trt_fp16_enable``, also for the fp16-converted model, so TensorRT may pick fp16 kernels for every
+    layer (without the flag it may keep float32 ones). int8-qdq: ``trt_int8_enable`` with no calibration table,
+    so TensorRT follows the graph's Q/DQ scales (explicit quantization; TensorRT 11 accepts only that), plus
+    ``trt_fp16_enable`` for the layers outside Q/DQ pairs. sparsity: 2:4 sparse tensor
     cores (Ampere+). The engine and timing caches go to ``cache_dir``; with inputs/batch/seq the optimisation
     profile is fixed to that one shape (one engine per shape, no rebuild inside the timed runs), or spans
     ``min_shape`` .. (batch, seq) for running text of varying lengths."""
@@ -251,6 +252,8 @@ def caveats(ep: str, precision: str, sparsity: bool = False) -> list[str]:
                    "TensorRT is the int8 path")
     if ep == TRT_EP:
         out.append("TensorRT EP with CUDA EP fallback for nodes TensorRT does not take; engine cached per shape")
+    if ep == TRT_EP and precision == "int8-qdq":
+        out.append("TensorRT int8: layers outside Q/DQ pairs may run in fp16 (trt_fp16_enable)")
     if sparsity:
         out.append("trt_sparsity_enable: 2:4 sparse tensor cores accelerate only on Ampere or newer")
     return out
