@@ -1,6 +1,7 @@
 """Delta-parameter pruning on MiniLM fine-tuned on STS-B: DARE, DAREx-q, magnitude, importance, STS-B dev.
 
     python benchmarks/delta.py [--ps 0.5,0.9,0.99] [--seeds 0,1,2] [--max-steps 240] [--threads 1]
+    python benchmarks/delta.py --lr 1e-3 --val-pairs 300 --ps 0.9,0.99 --name delta-large   # larger deltas
 
 1. Fine-tunes the packaged MiniLM (`minilm`) on ../shared/data/stsb/sts-train.csv: cosine-similarity
    regression (predict cos(u, v), target score / 5, MSE), batch 16, AdamW lr 2e-5 (10 % warm-up, linear
@@ -10,7 +11,13 @@
    (base `minilm`), random methods over every seed (magnitude and importance are deterministic: once), and
    scores STS-B dev Spearman x100 in torch (compress.evaluate.stsb_spearman on compress.models.torch_outputs).
 3. Checks that `apply_delta(minilm, delta.safetensors)` rebuilds the pruned model exactly (p = max, DAREx-q).
-Writes benchmarks/results/delta.{json,md} and prints the table. About 20 minutes on 2 busy cores (1 thread).
+Writes benchmarks/results/NAME.{json,md} (--name, default delta) and prints the table; refuses to overwrite
+them without --force. About 20 minutes on 2 busy cores (1 thread).
+
+Larger deltas: a higher --lr (and/or more --max-steps) moves the fine-tuned weights further from the base, which
+is where DARE's 1/(1-p) rescale is expected to break at p -> 0.99 and DAREx-q's 1/q to matter. --val-pairs N
+holds N STS-B train pairs out of fine-tuning (seeded) and adds DAREx-q with q chosen on them (q_search = "grid",
+eval_file = those pairs), so q is never chosen on the dev set the table scores.
 """
 from __future__ import annotations
 
@@ -29,7 +36,29 @@ from compress.cli import _quiet_libraries
 
 STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
 RESULTS = Path(__file__).parent / "results"
-LABELS = {"dare": "DARE", "darex-q": "DAREx-q (unlabelled q)", "magnitude": "magnitude", "importance": "importance"}
+LABELS = {"dare": "DARE", "darex-q": "DAREx-q (unlabelled q)", "darex-q-grid": "DAREx-q (q on held-out train)",
+          "magnitude": "magnitude", "importance": "importance"}
+RANDOM = ("dare", "darex-q", "darex-q-grid")          # random masks: one run per seed
+
+
+def split_validation(train, n: int, seed: int = 1234):
+    """(train without n seeded held-out pairs, those n pairs); n = 0: (train, None)."""
+    from compress.data import PairSet
+
+    if n <= 0:
+        return train, None
+    order = list(range(len(train.scores)))
+    random.Random(seed).shuffle(order)
+    pick = lambda ids: PairSet([train.first[i] for i in ids], [train.second[i] for i in ids],
+                               [train.scores[i] for i in ids])
+    return pick(sorted(order[n:])), pick(sorted(order[:n]))
+
+
+def write_stsb(pairs, path: Path) -> None:
+    """STS-B TSV (genre, file, year, id, score, s1, s2), what compress.data.read_stsb reads."""
+    path.write_text("".join(f"val\tval\tval\t{i:04d}\t{s:.3f}\t{a}\t{b}\n"
+                            for i, (a, b, s) in enumerate(zip(pairs.first, pairs.second, pairs.scores))),
+                    encoding="utf-8")
 
 
 def fine_tune(lm, train, epochs: int, batch: int, lr: float, max_steps: int, max_minutes: float, seed: int) -> dict:
@@ -84,13 +113,19 @@ def fine_tune(lm, train, epochs: int, batch: int, lr: float, max_steps: int, max
             "early_stop": stopped, "loss": "MSE(cos(u, v), score / 5)", "optimizer": "AdamW, 10% warm-up, linear decay"}
 
 
-def variants(ps: list[float], seeds: list[int]) -> list[dict]:
+def variants(ps: list[float], seeds: list[int], methods: list[str]) -> list[dict]:
     out = []
     for p in ps:
-        for method in ("dare", "darex-q"):
-            out += [{"method": method, "p": p, "seed": s} for s in seeds]
-        out += [{"method": "magnitude", "p": p, "seed": 0}, {"method": "importance", "p": p, "seed": 0}]
+        for method in methods:
+            out += [{"method": method, "p": p, "seed": s} for s in (seeds if method in RANDOM else [0])]
     return out
+
+
+def stage_config(v: dict, val_file: Path | None) -> dict:
+    """The prune.delta stage table for one variant (darex-q-grid: darex-q with q scored on val_file)."""
+    if v["method"] == "darex-q-grid":
+        return {"type": "prune.delta", **v, "method": "darex-q", "q_search": "grid", "eval_file": str(val_file)}
+    return {"type": "prune.delta", **v}
 
 
 def _mean(xs: list) -> float | None:
@@ -133,7 +168,9 @@ def markdown(res: dict) -> str:
         f"{t['final_loss']}" + (f" ({t['early_stop']})" if t["early_stop"] else "") + ".",
         f"Fine-tuning delta: mean |Δ| {res['delta']['mean_abs_delta']:.3g} (DARE assumes ≲ 0.005), max |Δ| "
         f"{res['delta']['max_abs_delta']:.3g}, {res['delta']['changed_fraction'] * 100:.1f} % of the "
-        f"{res['delta']['params'] / 1e6:.1f} M entries changed.",
+        f"{res['delta']['params'] / 1e6:.1f} M entries changed."
+        + (f" {res['val_pairs']} seeded STS-B train pairs were held out of fine-tuning for the grid q search."
+           if res.get("val_pairs") else ""),
         "",
         "| model | method | p | STS-B dev Spearman x100 (mean ± std) | runs | q | delta file, % of fp32 model |",
         "|---|---|---|---|---|---|---|",
@@ -159,6 +196,11 @@ def markdown(res: dict) -> str:
         "seeds), at the chosen q vs at q = 1-p (plain DARE, same mask): "
         + "; ".join(f"p = {s['p']}: {s['q_best_loss']:.3g} vs {s['q_dare_loss']:.3g}"
                     for s in res["summary"] if s["method"] == "darex-q" and s["q_best_loss"] is not None) + ".",
+        *(["DAREx-q (q on held-out train): q maximises STS-B Spearman on the held-out train pairs (q_search = "
+           "\"grid\"), never on dev; objective (-Spearman x100) at the chosen q vs at q = 1-p: "
+           + "; ".join(f"p = {s['p']}: {s['q_best_loss']:.4g} vs {s['q_dare_loss']:.4g}"
+                       for s in res["summary"] if s["method"] == "darex-q-grid" and s["q_best_loss"] is not None)
+           + "."] if any(s["method"] == "darex-q-grid" for s in res["summary"]) else []),
         "Sizes: int32 index + fp32 value = 8 bytes per kept entry against 4 per dense entry, so the sparse file "
         "only beats a dense fp32 delta when fewer than half the entries are kept; entries with Δ = 0 are never "
         "stored, and every method keeps round((1-p) n) of a tensor's n changed entries (DARE in expectation).",
@@ -182,7 +224,24 @@ def main() -> None:
     ap.add_argument("--max-train-minutes", type=float, default=8.0, help="safety stop for training")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: kind to a busy shared 2-core host)")
     ap.add_argument("--stsb", type=Path, default=STSB, help="folder holding sts-train.csv and sts-dev.csv")
+    ap.add_argument("--methods", default="dare,darex-q,magnitude,importance",
+                    help=f"comma-separated, from {','.join(LABELS)} (darex-q-grid needs --val-pairs)")
+    ap.add_argument("--val-pairs", type=int, default=0, help="STS-B train pairs held out of fine-tuning; > 0 adds "
+                    "darex-q-grid (q chosen on them) to --methods")
+    ap.add_argument("--name", default="delta", help="results go to benchmarks/results/NAME.{json,md}")
+    ap.add_argument("--force", action="store_true", help="overwrite existing results of that --name")
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if args.val_pairs > 0 and "darex-q-grid" not in methods:
+        methods.append("darex-q-grid")
+    unknown = [m for m in methods if m not in LABELS]
+    if unknown:
+        sys.exit(f"unknown --methods {', '.join(unknown)}: use some of {', '.join(LABELS)}")
+    if "darex-q-grid" in methods and args.val_pairs <= 0:
+        sys.exit("darex-q-grid chooses q on held-out train pairs: pass --val-pairs N (e.g. 300)")
+    out_json, out_md = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.md"
+    if not args.force and (out_json.exists() or out_md.exists()):
+        sys.exit(f"{out_json} exists: pass --force to overwrite it or another --name")
     train_path, dev_path = args.stsb / "sts-train.csv", args.stsb / "sts-dev.csv"
     missing = [str(p) for p in (train_path, dev_path) if not p.is_file()]
     if missing:
@@ -212,12 +271,17 @@ def main() -> None:
     base_stsb = score(base)
     print(f"base minilm: STS-B dev {base_stsb:.2f}", flush=True)
     print(f"fine-tuning on {train_path} ...", flush=True)
-    train = fine_tune(base, read_stsb(train_path), args.epochs, args.batch, args.lr, args.max_steps,
+    train_pairs, val_pairs = split_validation(read_stsb(train_path), args.val_pairs)
+    train = fine_tune(base, train_pairs, args.epochs, args.batch, args.lr, args.max_steps,
                       args.max_train_minutes, seed=0)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="delta-bench-") as tmp:
         work = Path(tmp)
+        val_file = None
+        if val_pairs is not None:
+            val_file = work / "val.tsv"
+            write_stsb(val_pairs, val_file)
         base.model.save(str(work / "ft"))
         del base
         ft = load_model(str(work / "ft"))
@@ -233,11 +297,11 @@ def main() -> None:
                        "changed_fraction": sum(int((x != 0).sum()) for x in d.values()) / n_all}
         del d, base_t, ft_t
 
-        exact_case = {"method": "darex-q", "p": max(ps), "seed": seeds[0]}
+        exact_case = {"method": "darex-q" if "darex-q" in methods else methods[0], "p": max(ps), "seed": seeds[0]}
         exact = None
-        for i, v in enumerate(variants(ps, seeds)):
+        for i, v in enumerate(variants(ps, seeds, methods)):
             t0 = time.perf_counter()
-            recipe = parse_recipe({"stages": [{"type": "prune.delta", **v}]}, "bench", "benchmark")
+            recipe = parse_recipe({"stages": [stage_config(v, val_file)]}, "bench", "benchmark")
             out_dir = work / f"v{i}"
             out_dir.mkdir()
             lm, reports = apply_torch_stages(list(recipe.stages), copy.deepcopy(ft), calibration,
@@ -263,22 +327,23 @@ def main() -> None:
             del lm
 
     summary = summarise(rows)
-    random_at_max = [r for r in rows if r["p"] == max(ps) and r["method"] in ("dare", "darex-q")]
+    random_at_max = [r for r in rows if r["p"] == max(ps) and r["method"] in RANDOM] or \
+        [r for r in rows if r["p"] == max(ps)]
     size_bytes = int(np.mean([r["delta_bytes"] for r in random_at_max]))
     model_bytes = 4 * delta_stats["params"]
     res = {"command": "python " + " ".join(["benchmarks/delta.py"] + sys.argv[1:]), "host": host_info().summary(),
            "threads": args.threads, "versions": {"torch": torch.__version__, "python": platform.python_version()},
            "train": train, "base_stsb": round(base_stsb, 3), "finetuned_stsb": round(ft_stsb, 3), "delta": delta_stats,
-           "model_fp32_bytes": model_bytes,
+           "model_fp32_bytes": model_bytes, "val_pairs": args.val_pairs, "methods": methods,
            "size_at_max_p": {"p": max(ps), "delta_bytes": size_bytes, "pct": round(100 * size_bytes / model_bytes, 3)},
            "apply_delta_exact": exact, "summary": summary, "rows": rows,
            "seconds_total": round(time.perf_counter() - t_start, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "delta.json").write_text(json.dumps(res, indent=2) + "\n")
+    out_json.write_text(json.dumps(res, indent=2) + "\n")
     md = markdown(res)
-    (RESULTS / "delta.md").write_text(md)
+    out_md.write_text(md)
     print("\n" + md)
-    print(f"wrote {RESULTS / 'delta.json'} and {RESULTS / 'delta.md'}")
+    print(f"wrote {out_json} and {out_md}")
 
 
 if __name__ == "__main__":

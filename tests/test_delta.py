@@ -12,7 +12,7 @@ from compress.errors import CompressError
 from compress.models import load_model, torch_outputs
 from compress.pipeline import apply_torch_stages
 from compress.recipe import parse_recipe
-from compress.stages.delta import dare_keep, keep_count, search_q
+from compress.stages.delta import dare_keep, keep_count, pick_q, search_q
 
 FAST = ["--runs", "3", "--shapes", "1x16"]
 CALIBRATION, HELDOUT = calibration_and_heldout(shipped_sentences())
@@ -146,12 +146,21 @@ def test_unlabelled_q_search_stays_in_range_and_beats_dare(pair):
     base, ft = pair
     p = 0.95
     lm, m = _prune(ft, base, {"method": "darex-q", "p": p, "seed": 0, "samples": 20})
-    assert 1 - p < m["q"] <= 1 and 10 <= m["q_search"]["tries"] <= 30
+    assert 1 - p <= m["q"] <= 1 and 10 <= m["q_search"]["tries"] <= 30
     assert m["q_search"]["best_loss"] == min(loss for _, loss in m["q_search"]["grid"])
     dare, _ = _prune(ft, base, {"method": "dare", "p": p, "seed": 0})
     ref = torch_outputs(load_model(str(ft)), CALIBRATION[:20])
     err = lambda model: np.abs(torch_outputs(model, CALIBRATION[:20]) - ref).mean()
     assert err(lm) <= err(dare)
+
+
+def test_pick_q_falls_back_to_dare_when_no_searched_q_beats_it():
+    tries = [(0.2, 1.0), (0.5, 0.5), (1.0, 0.9)]
+    assert pick_q(tries, 0.1, 0.4) == 0.1                       # DARE's 1/(1-p) scores better: keep it
+    assert pick_q(tries, 0.1, 0.6) == 0.5                       # the search found a better q
+    # a loss rising from the edge: search_q only samples (lo, 1], so the fallback is what reaches q = lo
+    q, tries = search_q(lambda q: q, lo=0.1)
+    assert q > 0.1 and pick_q(tries, 0.1, 0.1) == 0.1
 
 
 @pytest.mark.parametrize("target", [0.437, 0.1005, 1.0])

@@ -175,6 +175,13 @@ def search_q(loss: Callable[[float], float], lo: float, hi: float = 1.0, coarse:
     return best_q, tries
 
 
+def pick_q(tries: list[tuple[float, float]], dare_q: float, dare_loss: float) -> float:
+    """The best searched q, or DARE's own q = 1 - p when no searched q scores better than it on the same loss
+    (search_q samples the open interval (1 - p, 1] and can miss an optimum at its edge)."""
+    q, best = min(tries, key=lambda t: t[1])
+    return dare_q if dare_loss < best else q
+
+
 def _input_norms(lm, weight_names: set[str], texts: list[str]) -> dict:
     """||x_j|| over every calibration token at the input of each Linear whose weight is named: name -> (in,)."""
     import torch
@@ -261,6 +268,7 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
         loss = _q_loss(cfg, lm, texts, reference, set_q)
         q, tries = search_q(loss, lo=1.0 - cfg.p)
         dare_loss = loss(1.0 - cfg.p)                          # plain DARE on the same mask, for comparison
+        q = pick_q(tries, 1.0 - cfg.p, dare_loss)
     kept = kept_plan.kept(q, dtype)
     apply_kept(ft, base, kept)
 
