@@ -326,6 +326,9 @@ def contrib_outputs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> list[
         return [hidden, TensorInfo(x.shape[:1], TensorProto.INT32), hidden]
     if op == "MatMulNBits":
         return [TensorInfo(x.shape[:-1] + (_attr(node, "N", 0),), x.elem_type)]
+    if op == "GatherBlockQuantized" and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
+        axis = _attr(node, "gather_axis", 0) % max(len(x.shape), 1)     # int4 table (V, H); output dtype = scales'
+        return [TensorInfo(x.shape[:axis] + ins[1].shape + x.shape[axis + 1:], ins[2].elem_type)]
     if op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul", "GemmFastGelu") and len(ins) > 1 \
             and ins[1] is not None:
         a, b = x.shape, ins[1].shape
@@ -515,12 +518,15 @@ def node_bytes(node: onnx.NodeProto, g: GraphView, precision: str = "auto",
             continue
         n = info.numel
         if name in g.const:
-            if (node.op_type == "Gather" and idx == 0) or (node.op_type in EMBED_OPS and idx in (2, 3, 4)):
+            if (node.op_type == "Gather" and idx == 0) or (node.op_type in EMBED_OPS and idx in (2, 3, 4)) \
+                    or (node.op_type == "GatherBlockQuantized" and idx in (0, 2, 3)):
                 out = g.infos.get(node.output[0])
                 if out is None:
                     known = False
                     continue
                 n = out.numel
+                if node.op_type == "GatherBlockQuantized" and idx > 0:     # one scale / zero point per block
+                    n = n / _attr(node, "block_size", 128)
             weight += n * storage_bytes(name, g, precision, float_bytes)
         else:
             act += n * storage_bytes(name, g, precision, float_bytes)

@@ -233,3 +233,23 @@ def test_inputs_without_a_size_need_input_shapes(tmp_path):
     assert "\n" not in str(e.value)
     r = estimate(path, UNIT, 1, 1, input_shapes={"x": (2, 3, 8, 8)})
     assert r["bytes"] == 2 * 2 * 3 * 8 * 8 * 4
+
+
+def test_int4_embedding_gather_block_quantized(tmp_path):
+    """GatherBlockQuantized (quant.mixed's int4 word embeddings): the output shape flows on to the next MatMul, and
+    only the gathered rows (half a byte each) and their block scales are read, not the table."""
+    vocab, hidden, n, block, seq = 1000, 64, 16, 32, 8
+    table = helper.make_tensor("emb_q", TensorProto.UINT4, (vocab, hidden), np.zeros(vocab * hidden // 2, np.uint8).tobytes(),
+                               raw=True)
+    nodes = [helper.make_node("GatherBlockQuantized", ["emb_q", "input_ids", "scales"], ["h"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=1, block_size=block),
+             helper.make_node("MatMul", ["h", "w"], ["y"])]
+    path = _save(tmp_path / "gbq.onnx", nodes,
+                 [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                 [table, _weight("scales", (vocab, hidden // block)), _weight("w", (hidden, n))])
+    r = estimate(path, UNIT, 2, seq)
+    assert r["macs"] == 2 * seq * hidden * n
+    g = next(t for t in r["top_nodes"] if t["op_type"] == "GatherBlockQuantized")
+    rows = 2 * seq * hidden
+    assert g["bytes"] == 2 * seq * 8 + rows / 2 + rows / block * 4 + rows * 4     # ids + nibbles + scales + output
