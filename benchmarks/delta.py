@@ -1,7 +1,8 @@
 """Delta-parameter pruning on MiniLM fine-tuned on STS-B: DARE, DAREx-q, magnitude, importance, STS-B dev.
 
     python benchmarks/delta.py [--ps 0.5,0.9,0.99] [--seeds 0,1,2] [--max-steps 240] [--threads 1]
-    python benchmarks/delta.py --lr 1e-3 --val-pairs 300 --ps 0.9,0.99 --name delta-large   # larger deltas
+    python benchmarks/delta.py --lr 2e-4 --ps 0.99 --methods dare,darex-q --name delta-large-lr2e-4  # larger deltas
+    python benchmarks/delta.py --lr 5e-4 --ps 0.99 --methods dare,darex-q,magnitude --val-pairs 150 --name delta-large
 
 1. Fine-tunes the packaged MiniLM (`minilm`) on ../shared/data/stsb/sts-train.csv: cosine-similarity
    regression (predict cos(u, v), target score / 5, MSE), batch 16, AdamW lr 2e-5 (10 % warm-up, linear
