@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fcntl
+import hashlib
 import dataclasses
 import tempfile
 import time
@@ -77,9 +78,14 @@ def main() -> None:
         heldout.write_text("".join(train.read_text(encoding="utf-8").splitlines(keepends=True)[:args.heldout_pairs]),
                            encoding="utf-8")
 
+        scores: dict[tuple[str, Path], float] = {}     # several searches choose the same model: score it once
+
         def score(path: Path, spec_path: Path) -> float:
-            s = cpu_session(path, 0)
-            return stsb_spearman(lambda t: ort_outputs(s, lm.tokenizer, t, lm.task, lm.max_length), spec_path)
+            key = (hashlib.sha1(path.read_bytes()).hexdigest(), spec_path)
+            if key not in scores:
+                s = cpu_session(path, 0)
+                scores[key] = stsb_spearman(lambda t: ort_outputs(s, lm.tokenizer, t, lm.task, lm.max_length), spec_path)
+            return scores[key]
 
         log("exporting fp32 and the uniform baselines")
         fp32 = export_onnx(lm, work / "fp32")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,7 @@ def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: b
     an existing non-empty ``out_dir`` is replaced only with ``force``.
     """
     from compress.models import load_model
-    from compress.pipeline import check_out_dir, commit_folder
+    from compress.pipeline import check_out_dir, staged_folder
 
     out = Path(out_dir)
     kept, meta = load_delta(delta_path)
@@ -174,18 +173,12 @@ def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: b
                             f"pass the exact base model ({made_from}), not another checkpoint of the same architecture")
     apply_kept(tensors, tensors, kept)          # add_delta builds each new tensor before it is copied in
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out, work=False) as (staging, _):
         if lm.task == "sentence-embedding":
             lm.model.save(str(staging))
         else:
             lm.model.save_pretrained(staging)
             lm.tokenizer.save_pretrained(staging)
-        commit_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     entries = sum(len(i) for i, _, _ in kept.values())
     return {"out": str(out), "task": lm.task, "tensors": len(kept), "entries": entries,
             "method": meta.get("method"), "p": meta.get("p"), "q": meta.get("q")}

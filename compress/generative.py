@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -60,7 +59,7 @@ def check_recipe(recipe, evals: tuple[str, ...]) -> None:
 def run_generative(cfg, prep, kind: GenKind, progress: Progress = lambda msg: None,
                    on_latency: Callable[[int, int], None] | None = None) -> tuple[Path, dict]:
     """``compress run`` for a causal LM or seq2seq folder; writes the artefact folder atomically."""
-    from compress.pipeline import commit_folder
+    from compress.pipeline import staged_folder
 
     check_recipe(prep.recipe, cfg.evals)
     t_start = time.perf_counter()
@@ -76,17 +75,10 @@ def run_generative(cfg, prep, kind: GenKind, progress: Progress = lambda msg: No
                                                                  cfg.latency.threads, cfg.new_tokens))
     except ValueError as e:
         raise CompressError(str(e)) from None
-    prep.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
-    try:
-        with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
-            report = _run_in(cfg, prep, kind, model, tokenizer, staging, Path(work_dir), progress, on_latency)
+    with staged_folder(prep.out) as (staging, work):
+        report = _run_in(cfg, prep, kind, model, tokenizer, staging, work, progress, on_latency)
         report["seconds_total"] = round(time.perf_counter() - t_start, 1)
         write_report(report, staging)
-        commit_folder(staging, prep.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return prep.out, report
 
 

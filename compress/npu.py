@@ -13,7 +13,6 @@ quantizes with its own vendor's tool (the report says which were skipped).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +71,7 @@ def run_npu(cfg, prep, progress: Progress = lambda msg: None) -> tuple[Path, dic
     from compress.data import calibration_and_heldout, read_texts, shipped_sentences
     from compress.evaluate import parse_eval
     from compress.models import load_model
-    from compress.pipeline import apply_torch_stages, commit_folder
+    from compress.pipeline import apply_torch_stages, staged_folder
 
     require(prep.profile)
     t_start = time.perf_counter()
@@ -89,25 +88,17 @@ def run_npu(cfg, prep, progress: Progress = lambda msg: None) -> tuple[Path, dic
         progress(f"recipe {prep.recipe.name}: ONNX stage(s) {', '.join(skipped)} not used: "
                  f"{prep.profile.name} quantizes with its own tool")
 
-    prep.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
-    try:
-        with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
-            lm, stage_reports = apply_torch_stages(torch_stages, lm, calibration, progress, artifact_dir=staging,
-                                                   base_model=cfg.base)
-            work = Path(work_dir)
-            if backend(prep.profile) == "qnn":
-                section, results = run_qnn(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
-            else:
-                section, results = run_vela(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
+    with staged_folder(prep.out) as (staging, work):
+        lm, stage_reports = apply_torch_stages(torch_stages, lm, calibration, progress, artifact_dir=staging,
+                                               base_model=cfg.base)
+        if backend(prep.profile) == "qnn":
+            section, results = run_qnn(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
+        else:
+            section, results = run_vela(lm, prep.profile, calibration, heldout, evals, shape, staging, work, progress)
         report = _report(cfg, prep, lm, stage_reports, skipped, section, results)
         report["seconds_total"] = round(time.perf_counter() - t_start, 1)
         write(report, staging)
         report["files"] = sorted(f.name + ("/" if f.is_dir() else "") for f in staging.iterdir())
-        commit_folder(staging, prep.out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return prep.out, report
 
 

@@ -6,6 +6,7 @@ so a failed run leaves nothing half-written and an existing result is only repla
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -213,20 +214,32 @@ def run(cfg: RunConfig, progress: Progress = lambda msg: None,
     if cfg.data is not None:
         calibration = read_texts(cfg.data)
 
-    prep.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{prep.out.name}.tmp-", dir=prep.out.parent))
-    try:
-        with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
-            report = _run_in(cfg, prep, lm, evals, calibration, heldout, staging, Path(work_dir), progress, on_latency)
-        report["seconds_total"] = round(time.perf_counter() - t_start, 1)
-        from compress.report import write_report
+    from compress.report import write_report
 
+    with staged_folder(prep.out) as (staging, work):
+        report = _run_in(cfg, prep, lm, evals, calibration, heldout, staging, work, progress, on_latency)
+        report["seconds_total"] = round(time.perf_counter() - t_start, 1)
         write_report(report, staging)
-        commit_folder(staging, prep.out)
+    return prep.out, report
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, work: bool = True):
+    """Yield (staging, work dir): the output is built in a temporary sibling of ``out`` and renamed into place
+    when the block ends; any failure removes it, so nothing half-written is left. ``work`` is a scratch folder
+    removed at the end (None when ``work`` is False)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        if work:
+            with tempfile.TemporaryDirectory(prefix="compress-work-") as work_dir:
+                yield staging, Path(work_dir)
+        else:
+            yield staging, None
+        commit_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return prep.out, report
 
 
 def commit_folder(staging: Path, out: Path) -> None:

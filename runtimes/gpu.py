@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from compress.errors import CompressError
+from runtimes.profiler import Latency, timing_fields
 
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
@@ -56,22 +57,9 @@ class GpuConfig:
 
 
 @dataclass
-class GpuLatency:
-    """One (variant, EP, shape): the same fields as runtimes.profiler.Latency, plus what only a GPU has."""
-    batch: int
-    seq: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    min_ms: float
-    throughput_per_s: float
+class GpuLatency(Latency):
+    """One (variant, EP, shape): runtimes.profiler.Latency plus what only a GPU has."""
     threads: int = 0            # host threads: not a GPU setting (kept for the report's Latency tables)
-    source: str = "measured"
-    tool: str = ""
-    device: str = ""
-    caveats: list[str] = field(default_factory=list)
     precision: str = ""
     ep: str = ""
     engine_build_s: float = 0.0     # session creation + the excluded first run (TensorRT: the engine build)
@@ -370,12 +358,7 @@ def variants_for(models: dict[str, tuple[Path, str]], eps: list[str], sparse: di
 
 def _summarise(times_s: list[float], batch: int, seq: int, v: Variant, build_s: float, first_ms: float,
                options: dict) -> GpuLatency:
-    ms = np.asarray(times_s) * 1e3
-    p50 = float(np.percentile(ms, 50))
-    return GpuLatency(batch=batch, seq=seq, runs=len(ms), p50_ms=round(p50, 4),
-                      p90_ms=round(float(np.percentile(ms, 90)), 4), p99_ms=round(float(np.percentile(ms, 99)), 4),
-                      mean_ms=round(float(ms.mean()), 4), min_ms=round(float(ms.min()), 4),
-                      throughput_per_s=round(batch / (p50 / 1e3), 2), tool=tool_label(v.ep),
+    return GpuLatency(**timing_fields(times_s, batch, seq, digits=4), tool=tool_label(v.ep),
                       device=device_name() if v.ep in EPS else _host_cpu(),
                       caveats=caveats(v.ep, v.precision, v.sparsity), precision=v.precision, ep=v.ep,
                       engine_build_s=round(build_s, 3), first_run_ms=round(first_ms, 3),

@@ -75,14 +75,19 @@ class Latency:
     caveats: list[str] = field(default_factory=list)
 
 
-def _summarise(times_s: list[float], shape: Shape, threads: int, host: HostInfo) -> Latency:
+def timing_fields(times_s: list[float], batch: int, seq: int, digits: int = 3) -> dict:
+    """The statistics every Latency carries, from wall times in seconds (CPU here, GPU in runtimes.gpu)."""
     ms = np.asarray(times_s) * 1e3
     p50 = float(np.percentile(ms, 50))
-    caveats = [] if len(ms) >= 50 else [f"only {len(ms)} timed runs: percentiles are rough"]
-    return Latency(batch=shape.batch, seq=shape.seq, runs=len(ms), p50_ms=round(p50, 3),
-                   p90_ms=round(float(np.percentile(ms, 90)), 3), p99_ms=round(float(np.percentile(ms, 99)), 3),
-                   mean_ms=round(float(ms.mean()), 3), min_ms=round(float(ms.min()), 3),
-                   throughput_per_s=round(shape.batch / (p50 / 1e3), 2), threads=threads,
+    return {"batch": batch, "seq": seq, "runs": len(ms), "p50_ms": round(p50, digits),
+            "p90_ms": round(float(np.percentile(ms, 90)), digits), "p99_ms": round(float(np.percentile(ms, 99)), digits),
+            "mean_ms": round(float(ms.mean()), digits), "min_ms": round(float(ms.min()), digits),
+            "throughput_per_s": round(batch / (p50 / 1e3), 2)}
+
+
+def _summarise(times_s: list[float], shape: Shape, threads: int, host: HostInfo) -> Latency:
+    caveats = [] if len(times_s) >= 50 else [f"only {len(times_s)} timed runs: percentiles are rough"]
+    return Latency(**timing_fields(times_s, shape.batch, shape.seq), threads=threads,
                    tool=f"onnxruntime {ort.__version__} CPUExecutionProvider", device=host.cpu_model, caveats=caveats)
 
 

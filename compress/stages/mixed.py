@@ -370,14 +370,13 @@ def build_onnx(src: Path, dst: Path, layers: dict, assignment: dict[str, str], n
     from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
     from export.int4_pack import pack_int4
 
-    current = src
     int4 = {n: (onnx_weight(layers[n]), Int4Format(cfg.block_size, False, cfg.accuracy_level))
             for n, p in assignment.items() if p.startswith("int4")}
-    if int4:
-        packed = dst.with_name(dst.stem + ".int4.onnx")
-        pack_int4(current, packed, int4)
-        current = packed
     int8 = {node_of[n] for n, p in assignment.items() if p.startswith("int8")}
+    current = src
+    if int4:
+        current = dst.with_name(dst.stem + ".int4.onnx") if int8 else dst
+        pack_int4(src, current, int4)
     if int8:
         import onnx
 
@@ -389,12 +388,12 @@ def build_onnx(src: Path, dst: Path, layers: dict, assignment: dict[str, str], n
             apply_static(StaticQuant(op_types=ops, exclude=keep_float), current, dst, ctx)
         else:
             apply_dynamic(DynamicQuant(op_types=ops, exclude=keep_float), current, dst, ctx)
-    else:
+        if current != src:
+            current.unlink(missing_ok=True)
+    elif not int4:
         import shutil
 
-        shutil.copy2(current, dst)
-    if current != src:
-        current.unlink(missing_ok=True)
+        shutil.copy2(src, dst)
     return dst
 
 
