@@ -1,9 +1,10 @@
 """Where every benchmark writes its results: benchmarks/results/NAME.{json,md} (+ .png when it plots)."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 RESULTS = Path(__file__).parent / "results"
 

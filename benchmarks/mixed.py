@@ -15,18 +15,20 @@ count is what that search alone needed. Per layer: each layer alone at int4, mea
 both orderings' scores (Spearman rank correlation: which ordering predicts the measured damage).
 Writes benchmarks/results/mixed.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import fcntl
 import hashlib
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 from _results import save
+
 from compress.cli import _quiet_libraries
 
 STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
@@ -53,13 +55,13 @@ def main() -> None:
 
     from scipy.stats import spearmanr
 
-    from compress.data import calibration_and_heldout, shipped_sentences
-    from compress.evaluate import EvalSpec, stsb_spearman
-    from compress.models import load_model
-    from compress.pipeline import apply_onnx_stages, apply_torch_stages, make_scorer, onnx_context, pack_int4_layers
+    from compress.core.data import calibration_and_heldout, shipped_sentences
+    from compress.core.evaluate import EvalSpec, stsb_spearman
+    from compress.core.fs import file_bytes
+    from compress.core.models import load_model
     from compress.recipe import load_recipe
-    from compress.stages.base import file_bytes
     from compress.stages.mixed import MixedQuant, Plan, _measure_alone, ladder, order_moves, plan_search, run_search
+    from compress.steps import apply_onnx_stages, apply_torch_stages, make_scorer, onnx_context, pack_int4_layers
     from export.onnx_export import export_onnx
     from profiles import load_profile
     from runtimes.encode import ort_outputs
@@ -75,16 +77,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         heldout = work / "sts-heldout.csv"
-        heldout.write_text("".join(train.read_text(encoding="utf-8").splitlines(keepends=True)[:args.heldout_pairs]),
-                           encoding="utf-8")
+        heldout.write_text(
+            "".join(train.read_text(encoding="utf-8").splitlines(keepends=True)[: args.heldout_pairs]), encoding="utf-8"
+        )
 
-        scores: dict[tuple[str, Path], float] = {}     # several searches choose the same model: score it once
+        scores: dict[tuple[str, Path], float] = {}  # several searches choose the same model: score it once
 
         def score(path: Path, spec_path: Path) -> float:
             key = (hashlib.sha1(path.read_bytes()).hexdigest(), spec_path)
             if key not in scores:
                 s = cpu_session(path, 0)
-                scores[key] = stsb_spearman(lambda t: ort_outputs(s, lm.tokenizer, t, lm.task, lm.max_length), spec_path)
+                scores[key] = stsb_spearman(
+                    lambda t: ort_outputs(s, lm.tokenizer, t, lm.task, lm.max_length), spec_path
+                )
             return scores[key]
 
         log("exporting fp32 and the uniform baselines")
@@ -92,7 +97,7 @@ def main() -> None:
         paths["fp32"] = fp32
         rows.append({"variant": "fp32", "kind": "baseline"})
         for name in ("dynamic-int8", "static-int8"):
-            ctx = onnx_context(lm, calibration, profile)
+            ctx = onnx_context([], lm, calibration, profile)
             out, _ = apply_onnx_stages(list(load_recipe(name).stages), fp32, work, ctx)
             paths[f"uniform {name}"] = out
             rows.append({"variant": f"uniform {name}", "kind": "baseline"})
@@ -101,13 +106,16 @@ def main() -> None:
         paths["uniform int4 (int4 recipe)"], _ = pack_int4_layers(lm4, int4_fp, work)
         rows.append({"variant": "uniform int4 (int4 recipe)", "kind": "baseline"})
 
-        stsb_ctx = onnx_context(lm, calibration, profile, EvalSpec("stsb", dev), log)
+        stsb_ctx = onnx_context(list(load_recipe("mixed").stages), lm, calibration, profile, EvalSpec("stsb", dev), log)
         fid_ctx = dataclasses.replace(stsb_ctx, scorer=make_scorer(EvalSpec("fidelity"), lm, calibration))
         base_cfg = MixedQuant()
         t0 = time.perf_counter()
-        plan = plan_search(base_cfg, fp32, stsb_ctx)        # traces + in-context changes, once
+        plan = plan_search(base_cfg, fp32, stsb_ctx)  # traces + in-context changes, once
         plan_minutes = (time.perf_counter() - t0) / 60
-        plans = {"augmented": plan, "hessian": Plan(plan.layers, plan.node_of, order_moves(plan.moves, "hessian"), plan.info)}
+        plans = {
+            "augmented": plan,
+            "hessian": Plan(plan.layers, plan.node_of, order_moves(plan.moves, "hessian"), plan.info),
+        }
         bases = {"stsb": stsb_ctx.scorer.score(fp32), "fidelity": fid_ctx.scorer.score(fp32)}
         shared = {"stsb": {}, "fidelity": {}}
         probes = work / "probes"
@@ -125,11 +133,22 @@ def main() -> None:
             m = run_search(cfg, plans[ordering], fp32, dst, ctx, work=probes, models=shared[metric], base=bases[metric])
             paths[label] = dst
             accounts[label] = m
-            rows.append({"variant": label, "kind": "mixed", "metric": metric, "budget": budget, "ordering": ordering,
-                         "latency_aware": fast, "search_drop": m["chosen_drop"], "evaluations": m["evaluations"],
-                         "moves": f"{m['moves_applied']}/{m['moves_total']}", "layers": m["layers"],
-                         "search_minutes": round((time.perf_counter() - t0) / 60, 2),
-                         "trajectory": m["trajectory"]})
+            rows.append(
+                {
+                    "variant": label,
+                    "kind": "mixed",
+                    "metric": metric,
+                    "budget": budget,
+                    "ordering": ordering,
+                    "latency_aware": fast,
+                    "search_drop": m["chosen_drop"],
+                    "evaluations": m["evaluations"],
+                    "moves": f"{m['moves_applied']}/{m['moves_total']}",
+                    "layers": m["layers"],
+                    "search_minutes": round((time.perf_counter() - t0) / 60, 2),
+                    "trajectory": m["trajectory"],
+                }
+            )
 
         log("scoring every model on STS-B dev and the held-out split")
         for r in rows:
@@ -147,16 +166,27 @@ def main() -> None:
         per_layer = []
         for ordering, pl in plans.items():
             for rank, mv in enumerate(m for m in pl.moves if m.dst == ladder(base_cfg)[-1]):
-                per_layer.append({"ordering": ordering, "layer": mv.layer, "rank": rank, "score": mv.score,
-                                  "omega": mv.omega, "context": mv.context, "fidelity_drop_alone": alone[mv.layer]})
+                per_layer.append(
+                    {
+                        "ordering": ordering,
+                        "layer": mv.layer,
+                        "rank": rank,
+                        "score": mv.score,
+                        "omega": mv.omega,
+                        "context": mv.context,
+                        "fidelity_drop_alone": alone[mv.layer],
+                    }
+                )
         corr = {}
         for ordering in plans:
             sel = [r for r in per_layer if r["ordering"] == ordering]
-            corr[ordering] = round(float(spearmanr([r["score"] for r in sel], [r["fidelity_drop_alone"] for r in sel]).statistic), 3)
+            corr[ordering] = round(
+                float(spearmanr([r["score"] for r in sel], [r["fidelity_drop_alone"] for r in sel]).statistic), 3
+            )
         traces = {n: t for n, t in plan.info["traces"].items()}
 
         log(f"timing {len(paths)} models interleaved (1x128, {args.runs} runs), under {LOCK}")
-        with open(LOCK, "w") as lock:     # one latency measurement on this machine at a time (other benchmarks too)
+        with open(LOCK, "w") as lock:  # one latency measurement on this machine at a time (other benchmarks too)
             fcntl.flock(lock, fcntl.LOCK_EX)
             lat = measure_latency(paths, ProfileConfig(shapes=(Shape(1, 128),), runs=args.runs))
     fp = rows[0]
@@ -169,14 +199,26 @@ def main() -> None:
         r["p50_vs_fp32"] = round(r["p50_ms_1x128"] / fp["p50_ms_1x128"], 3)
         r["p50_vs_int8"] = round(r["p50_ms_1x128"] / int8["p50_ms_1x128"], 3)
         r["size_vs_int8"] = round(r["mb"] / int8["mb"], 3)
-    out = {"host": host_info().as_dict(), "rows": rows, "runs": args.runs, "heldout_pairs": args.heldout_pairs,
-           "plan_minutes": round(plan_minutes, 2), "hessian_seconds": plan.info["hessian_seconds"],
-           "context_seconds": plan.info["context_seconds"], "hutchinson_samples": base_cfg.hutchinson_samples,
-           "calibration_samples": base_cfg.calibration_samples, "layers": len(plan.layers),
-           "base_scores": bases, "neural_compressor_rtn": inc, "per_layer": per_layer, "rank_correlation_with_alone": corr, "traces": traces,
-           "command": f"python benchmarks/mixed.py --runs {args.runs} --heldout-pairs {args.heldout_pairs}"
-                      + (f" --model {args.model}" if args.model != "minilm" else ""),
-           "minutes": round((time.perf_counter() - t_start) / 60, 1)}
+    out = {
+        "host": host_info().as_dict(),
+        "rows": rows,
+        "runs": args.runs,
+        "heldout_pairs": args.heldout_pairs,
+        "plan_minutes": round(plan_minutes, 2),
+        "hessian_seconds": plan.info["hessian_seconds"],
+        "context_seconds": plan.info["context_seconds"],
+        "hutchinson_samples": base_cfg.hutchinson_samples,
+        "calibration_samples": base_cfg.calibration_samples,
+        "layers": len(plan.layers),
+        "base_scores": bases,
+        "neural_compressor_rtn": inc,
+        "per_layer": per_layer,
+        "rank_correlation_with_alone": corr,
+        "traces": traces,
+        "command": f"python benchmarks/mixed.py --runs {args.runs} --heldout-pairs {args.heldout_pairs}"
+        + (f" --model {args.model}" if args.model != "minilm" else ""),
+        "minutes": round((time.perf_counter() - t_start) / 60, 1),
+    }
     save(args.name, out, table, plot)
 
 
@@ -186,47 +228,62 @@ def neural_compressor_rtn(lm, dev: Path, heldout: Path) -> dict:
     import copy
     import dataclasses
 
-    from compress.evaluate import stsb_spearman
-    from compress.models import torch_outputs
+    from compress.core.evaluate import stsb_spearman
+    from compress.core.models import torch_outputs
 
     try:
         from neural_compressor.torch.quantization import RTNConfig, convert, prepare
 
         q = convert(prepare(copy.deepcopy(lm.model), RTNConfig(bits=4, group_size=32, use_sym=False)))
         lq = dataclasses.replace(lm, model=q)
-        return {"config": "RTNConfig(bits=4, group_size=32, use_sym=False), every nn.Linear",
-                "stsb_dev": round(stsb_spearman(lambda t: torch_outputs(lq, t), dev), 3),
-                "stsb_heldout": round(stsb_spearman(lambda t: torch_outputs(lq, t), heldout), 3)}
-    except Exception as e:      # a cross-check, never fatal to the benchmark
+        return {
+            "config": "RTNConfig(bits=4, group_size=32, use_sym=False), every nn.Linear",
+            "stsb_dev": round(stsb_spearman(lambda t: torch_outputs(lq, t), dev), 3),
+            "stsb_heldout": round(stsb_spearman(lambda t: torch_outputs(lq, t), heldout), 3),
+        }
+    except Exception as e:  # a cross-check, never fatal to the benchmark
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
 
 def table(out: dict) -> str:
-    lines = [f"MiniLM-L6 on this CPU ({out['host']['cpu_model']}, VNNI: {out['host']['has_vnni']}); STS-B dev (search "
-             f"metric for the STS-B budgets) and a held-out split no search saw (first {out['heldout_pairs']} pairs of "
-             f"STS-B train); p50 at 1x128 measured interleaved ({out['runs']} runs, ORT CPU EP). Sensitivities once for "
-             f"all searches: {out['layers']} layers ({out['layers'] - 1} Linears + the word embeddings), Hutchinson {out['hutchinson_samples']} "
-             f"samples ({out['hessian_seconds']} s), in-context changes ({out['context_seconds']} s), on "
-             f"{out['calibration_samples']} calibration sentences.", "",
-             "| variant | STS-B dev | dev drop | held-out | held-out drop | MB | size vs int8 | p50 ms | vs fp32 | vs int8 "
-             "| layers float/int8/int4 | evaluations | search min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"MiniLM-L6 on this CPU ({out['host']['cpu_model']}, VNNI: {out['host']['has_vnni']}); STS-B dev (search "
+        f"metric for the STS-B budgets) and a held-out split no search saw (first {out['heldout_pairs']} pairs of "
+        f"STS-B train); p50 at 1x128 measured interleaved ({out['runs']} runs, ORT CPU EP). Sensitivities once for "
+        f"all searches: {out['layers']} layers ({out['layers'] - 1} Linears + the word embeddings), Hutchinson {out['hutchinson_samples']} "
+        f"samples ({out['hessian_seconds']} s), in-context changes ({out['context_seconds']} s), on "
+        f"{out['calibration_samples']} calibration sentences.",
+        "",
+        "| variant | STS-B dev | dev drop | held-out | held-out drop | MB | size vs int8 | p50 ms | vs fp32 | vs int8 "
+        "| layers float/int8/int4 | evaluations | search min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["rows"]:
         layers = "/".join(str(v) for v in r["layers"].values()) if "layers" in r else ""
-        lines.append(f"| {r['variant']} | {r['stsb_dev']:.2f} | {r['dev_drop']:+.2f} | {r['stsb_heldout']:.2f} | "
-                     f"{r['heldout_drop']:+.2f} | {r['mb']:.1f} | {r['size_vs_int8']:.2f} | {r['p50_ms_1x128']:.1f} | "
-                     f"{r['p50_vs_fp32']:.2f} | {r['p50_vs_int8']:.2f} | {layers} | {r.get('evaluations', '')} | "
-                     f"{r.get('search_minutes', '')} |")
+        lines.append(
+            f"| {r['variant']} | {r['stsb_dev']:.2f} | {r['dev_drop']:+.2f} | {r['stsb_heldout']:.2f} | "
+            f"{r['heldout_drop']:+.2f} | {r['mb']:.1f} | {r['size_vs_int8']:.2f} | {r['p50_ms_1x128']:.1f} | "
+            f"{r['p50_vs_fp32']:.2f} | {r['p50_vs_int8']:.2f} | {layers} | {r.get('evaluations', '')} | "
+            f"{r.get('search_minutes', '')} |"
+        )
     c = out["rank_correlation_with_alone"]
-    lines += ["", f"Which ordering predicts the measured damage: Spearman between each ordering's int4 score and the "
-              f"fidelity drop of that layer alone at int4 (ORT, {out['layers']} layers): augmented {c['augmented']:+.3f}, "
-              f"plain Hessian {c['hessian']:+.3f}.", "",
-              f"Command: `{out['command']}` ({out['minutes']} min).", ""]
+    lines += [
+        "",
+        f"Which ordering predicts the measured damage: Spearman between each ordering's int4 score and the "
+        f"fidelity drop of that layer alone at int4 (ORT, {out['layers']} layers): augmented {c['augmented']:+.3f}, "
+        f"plain Hessian {c['hessian']:+.3f}.",
+        "",
+        f"Command: `{out['command']}` ({out['minutes']} min).",
+        "",
+    ]
     inc = out.get("neural_compressor_rtn", {})
     if "stsb_dev" in inc:
-        lines += [f"Cross-check with Neural Compressor's RTN int4 weight-only ({inc['config']}, run in torch): STS-B dev "
-                  f"{inc['stsb_dev']:.2f}, held-out {inc['stsb_heldout']:.2f} (compare the uniform int4 row, ORT's "
-                  "MatMulNBits grid on the encoder Linears).", ""]
+        lines += [
+            f"Cross-check with Neural Compressor's RTN int4 weight-only ({inc['config']}, run in torch): STS-B dev "
+            f"{inc['stsb_dev']:.2f}, held-out {inc['stsb_heldout']:.2f} (compare the uniform int4 row, ORT's "
+            "MatMulNBits grid on the encoder Linears).",
+            "",
+        ]
     elif inc:
         lines += [f"Neural Compressor RTN cross-check failed: {inc['error']}", ""]
     lines += ["Fidelity-budget searches, trajectory (k: moves applied; drop in fidelity points):", ""]
@@ -246,16 +303,23 @@ def plot(out: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=120)
     for r in out["rows"]:
-        color = ("tab:gray" if r["kind"] == "baseline" else "tab:blue" if r.get("ordering") == "augmented"
-                 else "tab:orange")
+        color = (
+            "tab:gray" if r["kind"] == "baseline" else "tab:blue" if r.get("ordering") == "augmented" else "tab:orange"
+        )
         marker = "o" if r.get("metric", "stsb") == "stsb" else "s"
         a.scatter(r["mb"], r["stsb_dev"], color=color, marker=marker, s=50, alpha=0.8, edgecolors="black")
-        a.annotate(r["variant"].replace("mixed ", "").replace(" budget", ""), (r["mb"], r["stsb_dev"]),
-                   textcoords="offset points", xytext=(4, 3), fontsize=6)
+        a.annotate(
+            r["variant"].replace("mixed ", "").replace(" budget", ""),
+            (r["mb"], r["stsb_dev"]),
+            textcoords="offset points",
+            xytext=(4, 3),
+            fontsize=6,
+        )
     a.set_xlabel("model MB")
     a.set_ylabel("STS-B dev Spearman x100")
-    a.set_title("size vs accuracy (gray: uniform; blue: augmented; orange: Hessian; squares: fidelity budget)",
-                fontsize=8)
+    a.set_title(
+        "size vs accuracy (gray: uniform; blue: augmented; orange: Hessian; squares: fidelity budget)", fontsize=8
+    )
     a.grid(alpha=0.3)
     for r in out["rows"]:
         if r.get("metric") == "fidelity":

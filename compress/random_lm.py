@@ -11,17 +11,19 @@ Configs (parameter counts printed on save):
 - ``gpt2-narrow``: GPT-2 small's architecture (pre-LN, learned positions, GELU, FFN 4x) narrowed to t5-small's
   width (512, 8 heads, FFN 2048) and vocabulary (32128), 14 layers to match t5-small's parameter count: 61.1 M.
 """
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 from typing import Any
 
-from compress.data import shipped_sentences
+from compress.core.data import shipped_sentences
 
 SPECIALS = ("<|endoftext|>", "<pad>")
 
 
+# fmt: off
 def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
     return {
         # initializer_range 0.5: sharper random logits, so greedy tokens vary (a parity check that can fail)
@@ -35,6 +37,7 @@ def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
         "gpt2-narrow": ("gpt2", dict(vocab_size=32128, n_positions=1024, n_embd=512, n_layer=14, n_head=8,
                                      n_inner=2048, bos_token_id=0, eos_token_id=0)),
     }
+# fmt: on
 
 
 NAMES = tuple(_configs(0))
@@ -48,12 +51,22 @@ def train_tokenizer(vocab_size: int = 512) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(shipped_sentences(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[0],
-                                   unk_token=SPECIALS[0], pad_token=SPECIALS[1], model_max_length=1024,
-                                   model_input_names=["input_ids", "attention_mask"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIALS[0],
+        eos_token=SPECIALS[0],
+        unk_token=SPECIALS[0],
+        pad_token=SPECIALS[1],
+        model_max_length=1024,
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def build(name: str, seed: int = 0) -> tuple[Any, Any]:

@@ -1,19 +1,26 @@
 """Recipes: TOML files with ordered ``[[stages]]``; each stage is ``type = "..."`` plus typed parameters.
 
-Parsed once, validated against the registry and the stage's config dataclass; anything unknown is
-refused with the list of what is valid.
+Parsed once, validated against the registry and the stage's config dataclass; anything unknown is refused with
+the list of what is valid. Recipe-level rules come from the registry's declarations (torch stages before ONNX
+stages; a compensation stage after a compressing one), and so does the check that a recipe applies to a model
+kind and a target (``check_applicable``). Command-line overrides of stage parameters go through
+``apply_overrides``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
-from compress.stages import REGISTRY, StageError, StageType
+import tomllib
+
+from compress.core.errors import CompressError
+from compress.core.kinds import ModelKind
+from compress.stages import REGISTRY, StageType
+from profiles import DeviceProfile
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -21,7 +28,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 @dataclass(frozen=True)
 class StageSpec:
     type: StageType
-    config: Any                    # an instance of type.config
+    config: Any  # an instance of type.config
 
     @property
     def name(self) -> str:
@@ -36,11 +43,15 @@ class Recipe:
     name: str
     description: str
     stages: tuple[StageSpec, ...]
-    source: str                    # the file it came from
+    source: str  # the file it came from
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "description": self.description, "source": self.source,
-                "stages": [{"type": s.name, "params": s.params()} for s in self.stages]}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "stages": [{"type": s.name, "params": s.params()} for s in self.stages],
+        }
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -53,10 +64,12 @@ def _coerce(stage: str, key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise CompressError(f"stage {stage}: '{key}' must be a list of strings, got {value!r}")
         return tuple(value)
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str)}[hint]
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }[hint]
     if not ok(value):
         raise CompressError(f"stage {stage}: '{key}' must be {hint.__name__}, got {value!r}")
     return float(value) if hint is float else value
@@ -72,27 +85,27 @@ def build_stage(raw: dict, where: str) -> StageSpec:
     fields = [f.name for f in dataclasses.fields(st.config)]
     unknown = [k for k in raw if k not in fields]
     if unknown:
-        raise CompressError(f"{where}: stage {type_name} has no parameter {', '.join(map(repr, unknown))}; "
-                            f"valid: {', '.join(fields)}")
+        raise CompressError(
+            f"{where}: stage {type_name} has no parameter {', '.join(map(repr, unknown))}; valid: {', '.join(fields)}"
+        )
     kwargs = {k: _coerce(type_name, k, v, hints[k]) for k, v in raw.items()}
     try:
         return StageSpec(st, st.config(**kwargs))
-    except StageError as e:
+    except CompressError as e:
         raise CompressError(f"{where}: {e}") from None
 
 
 def parse_recipe(data: dict, name: str, source: str) -> Recipe:
     unknown = set(data) - {"name", "description", "stages"}
     if unknown:
-        raise CompressError(f"recipe {source}: unknown top-level key(s) {', '.join(sorted(unknown))}; "
-                            "valid: name, description, stages")
+        raise CompressError(
+            f"recipe {source}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid: name, description, stages"
+        )
     raw_stages = data.get("stages", [])
     if not isinstance(raw_stages, list):
         raise CompressError(f"recipe {source}: 'stages' must be an array of tables ([[stages]])")
     stages = tuple(build_stage(s, f"recipe {source}, stage {i + 1}") for i, s in enumerate(raw_stages))
-    levels = [s.type.level for s in stages]
-    if "torch" in levels and "onnx" in levels and levels.index("onnx") < max(i for i, l in enumerate(levels) if l == "torch"):
-        raise CompressError(f"recipe {source}: torch-level stages must come before ONNX-level stages (export sits between)")
+    check_rules(stages, source)
     return Recipe(name=data.get("name", name), description=data.get("description", ""), stages=stages, source=source)
 
 
@@ -104,9 +117,123 @@ def load_recipe(name_or_path: str) -> Recipe:
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise CompressError(f"unknown recipe '{name_or_path}': use one of {', '.join(shipped)} or a path to a .toml file")
+            raise CompressError(
+                f"unknown recipe '{name_or_path}': use one of {', '.join(shipped)} or a path to a .toml file"
+            )
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise CompressError(f"recipe {path} is not valid TOML ({e}): fix the file") from None
     return parse_recipe(data, path.stem, str(path if name_or_path not in shipped else name_or_path))
+
+
+def check_rules(stages: tuple[StageSpec, ...], source: str) -> None:
+    """Rules about the order of stages, from what the registry declares."""
+    levels = [s.type.level for s in stages]
+    if (
+        "torch" in levels
+        and "onnx" in levels
+        and levels.index("onnx") < max(i for i, level in enumerate(levels) if level == "torch")
+    ):
+        raise CompressError(
+            f"recipe {source}: torch-level stages must come before ONNX-level stages (export sits between)"
+        )
+    for i, spec in enumerate(stages):
+        if "earlier_compression" in spec.type.needs and not any(
+            s.type.compresses and s.type.level == "torch" for s in stages[:i]
+        ):
+            makers = ", ".join(n for n, t in REGISTRY.items() if t.compresses and t.level == "torch")
+            raise CompressError(
+                f"recipe {source}: {spec.name} compensates the error of an earlier compressing stage "
+                f"and has none before it: put one of {makers} first"
+            )
+
+
+def check_applicable(
+    recipe: Recipe,
+    kind: ModelKind,
+    profile: DeviceProfile,
+    levels: tuple[str, ...] = ("torch", "onnx"),
+    strict_precisions: bool = True,
+) -> None:
+    """Refuse, before any heavy work, a stage that is not built for this model kind or (``strict_precisions``)
+    produces a precision the target does not list. ``levels``: the stage levels the flow will apply (an NPU flow
+    applies torch stages only)."""
+    for spec in recipe.stages:
+        if spec.type.level not in levels:
+            continue
+        if kind not in spec.type.kinds:
+            hint = "; ".join(n for n, t in REGISTRY.items() if kind in t.kinds)
+            raise CompressError(
+                f"stage {spec.name} is not built for {kind} models yet (it takes "
+                f"{', '.join(spec.type.kinds)}): use a recipe with stages built for them "
+                f"({hint}), e.g. --recipe {_example_recipe(kind) or 'fp32'}"
+            )
+        missing = [p for p in spec.type.precisions(spec.config) if strict_precisions and p not in profile.precisions]
+        if missing:
+            raise CompressError(
+                f"stage {spec.name} produces {', '.join(missing)}, which target {profile.name} does not "
+                f"run (it lists {', '.join(profile.precisions)}): choose stages or parameters that "
+                "produce those"
+            )
+
+
+def _example_recipe(kind: ModelKind) -> str | None:
+    """The first shipped recipe whose every stage is built for ``kind`` and which has a stage."""
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        if r.stages and all(kind in s.type.kinds for s in r.stages):
+            return name
+    return None
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, str], flags: dict[str, str] | None = None) -> Recipe:
+    """Set stage parameters from the command line: ``{"max_drop": "0.3"}`` sets ``max_drop`` on every stage of the
+    recipe that has that parameter. A config class may parse its own values (``parse_override(key, text) -> dict``
+    of fields, e.g. quant.mixed's "0.5%", which also sets ``relative``); otherwise the text is read as a TOML value
+    and checked like a recipe's. ``flags`` names the option each key came from, for the messages."""
+    flags = flags or {}
+    for key in overrides:
+        if not any(key in _fields(s.config) for s in recipe.stages):
+            owners = [n for n, t in REGISTRY.items() if key in _fields(t.config)]
+            example = next((n for n in shipped_recipes() if any(s.name in owners for s in load_recipe(n).stages)), None)
+            fix = f"use --recipe {example}" if example else "set a parameter one of its stages has"
+            raise CompressError(
+                f"{flags.get(key, '--set ' + key)} sets '{key}' of {' / '.join(owners) or 'no stage type'}, "
+                f"which recipe '{recipe.name}' does not have: {fix}"
+            )
+    stages = []
+    for spec in recipe.stages:
+        changes: dict[str, Any] = {}
+        origin: dict[str, str] = {}
+        for key, text in overrides.items():
+            if key not in _fields(spec.config):
+                continue
+            flag = flags.get(key, f"--set {key}")
+            for name, value in _override_value(spec, key, text).items():
+                if name in changes and changes[name] != value:
+                    raise CompressError(
+                        f"{origin[name]} and {flag} set '{name}' of {spec.name} differently "
+                        f"({changes[name]!r} vs {value!r}): give them in the same form"
+                    )
+                changes[name], origin[name] = value, flag
+        if changes:
+            spec = dataclasses.replace(spec, config=dataclasses.replace(spec.config, **changes))
+        stages.append(spec)
+    return dataclasses.replace(recipe, stages=tuple(stages))
+
+
+def _fields(config: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(config)}
+
+
+def _override_value(spec: StageSpec, key: str, text: str) -> dict:
+    parse = getattr(spec.config, "parse_override", None)
+    changes = parse(key, text) if parse else {}
+    if changes:
+        return changes
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word: a string parameter
+    return {key: _coerce(spec.name, key, value, typing.get_type_hints(type(spec.config))[key])}

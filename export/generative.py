@@ -11,48 +11,24 @@ Folder layout (what optimum writes and loads):
 - encoder-decoder: ``encoder_model.onnx``, ``decoder_model.onnx`` (first step), ``decoder_with_past_model.onnx``
 plus ``config.json``, ``generation_config.json`` and the tokenizer files.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError, first_line
+from compress.core.kinds import ONNX_FILES, GenKind
 
-GenKind = Literal["text-generation", "text2text-generation"]
-GEN_TASKS: tuple[GenKind, ...] = ("text-generation", "text2text-generation")
-ONNX_FILES: dict[str, tuple[str, ...]] = {
-    "text-generation": ("model.onnx",),
-    "text2text-generation": ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"),
+OPTIMUM_TASK = {
+    "text-generation": "text-generation-with-past",
+    "text2text-generation": "text2text-generation-with-past",
 }
-OPTIMUM_TASK = {"text-generation": "text-generation-with-past", "text2text-generation": "text2text-generation-with-past"}
 # A greedy step where torch's best two logits are closer than this is a tie: float rounding may pick either.
 TIE_MARGIN = 1e-4
-
-
-def generative_kind(config: dict) -> GenKind | None:
-    """From a config.json dict: "text-generation" (causal LM), "text2text-generation" (seq2seq) or None."""
-    archs = config.get("architectures") or []
-    if config.get("is_encoder_decoder") or any(a.endswith("ForConditionalGeneration") for a in archs):
-        return "text2text-generation"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "text-generation"
-    return None
-
-
-def artifact_kind(folder: Path) -> GenKind | None:
-    """Which generative layout an artefact folder holds (by its ONNX files), or None."""
-    if not folder.is_dir():
-        return None
-    for kind in ("text2text-generation", "text-generation"):
-        if all((folder / f).is_file() for f in ONNX_FILES[kind]) and (folder / "config.json").is_file():
-            import json
-
-            if generative_kind(json.loads((folder / "config.json").read_text())) == kind:
-                return kind
-    return None
 
 
 def load_torch(path: Path, kind: GenKind) -> tuple[Any, Any]:
@@ -64,9 +40,10 @@ def load_torch(path: Path, kind: GenKind) -> tuple[Any, Any]:
         model = cls.from_pretrained(str(path), local_files_only=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CompressError(f"could not load the generative model at {path} ({type(e).__name__}: {msg}): "
-                            "check that its weights and tokenizer files are complete") from None
+        raise CompressError(
+            f"could not load the generative model at {path} ({type(e).__name__}: {first_line(e)[:200]}): "
+            "check that its weights and tokenizer files are complete"
+        ) from None
     prepare_tokenizer(tokenizer, kind)
     return model, tokenizer
 
@@ -82,18 +59,25 @@ def prepare_tokenizer(tokenizer: Any, kind: GenKind) -> None:
 
 def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, opset: int | None = None) -> list[Path]:
     """Write the ONNX files, config, generation config and tokenizer to ``out_dir``; returns the ONNX paths."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
     import copy
 
+    from optimum.exporters.onnx import onnx_export_from_model
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model)     # optimum's export flips config flags (use_cache) on the model it is given
+    model = copy.deepcopy(model)  # optimum's export flips config flags (use_cache) on the model it is given
     if not model.config.architectures:  # save_pretrained records it; a model built in memory has none yet
         model.config.architectures = [type(model).__name__]
     # no_post_process for seq2seq: keep decoder and decoder-with-past as two graphs (no merged If-graph), which
     # ORT's quantizer and our profiler handle as plain graphs; ORTModelForSeq2SeqLM loads either layout.
-    onnx_export_from_model(model, out_dir, task=OPTIMUM_TASK[kind], opset=opset, do_validation=False, device="cpu",
-                           no_post_process=kind == "text2text-generation")
+    onnx_export_from_model(
+        model,
+        out_dir,
+        task=OPTIMUM_TASK[kind],
+        opset=opset,
+        do_validation=False,
+        device="cpu",
+        no_post_process=kind == "text2text-generation",
+    )
     for extra in out_dir.glob("decoder_model_merged.onnx*"):
         extra.unlink()
     for f in ONNX_FILES[kind]:
@@ -105,8 +89,9 @@ def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, 
     paths = [out_dir / f for f in ONNX_FILES[kind]]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise CompressError(f"optimum's export wrote no {', '.join(missing)} into {out_dir}: "
-                            "report this model's architecture as a bug")
+        raise CompressError(
+            f"optimum's export wrote no {', '.join(missing)} into {out_dir}: report this model's architecture as a bug"
+        )
     return paths
 
 
@@ -167,26 +152,33 @@ def greedy(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, scor
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             num_beams=1, pad_token_id=tokenizer.pad_token_id, output_scores=scores,
-                             return_dict_in_generate=scores)
+        out = model.generate(
+            **enc,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            output_scores=scores,
+            return_dict_in_generate=scores,
+        )
     seqs = out.sequences if scores else out
     start = 0 if model.config.is_encoder_decoder else enc["input_ids"].shape[1]
     gen = seqs[:, start:].numpy()
     if model.config.is_encoder_decoder:
-        gen = gen[:, 1:]                                   # drop the decoder start token
+        gen = gen[:, 1:]  # drop the decoder start token
     if not scores:
         return gen
-    return gen, torch.stack(out.scores, 1).float().numpy()   # (B, new_tokens, vocab)
+    return gen, torch.stack(out.scores, 1).float().numpy()  # (B, new_tokens, vocab)
 
 
 @dataclass(frozen=True)
 class TokenParity:
     prompts: int
     new_tokens: int
-    identical: int             # prompts whose whole continuation matches
-    token_agreement: float     # mean fraction of positions before the first divergence
-    ties: int                  # divergences at a step where torch's top-2 logits were within TIE_MARGIN
+    identical: int  # prompts whose whole continuation matches
+    token_agreement: float  # mean fraction of positions before the first divergence
+    ties: int  # divergences at a step where torch's top-2 logits were within TIE_MARGIN
     first_divergence: list[int | None]
     gated: bool
     passed: bool
@@ -195,8 +187,9 @@ class TokenParity:
         return asdict(self)
 
 
-def compare_tokens(reference: np.ndarray, candidate: np.ndarray, ref_scores: np.ndarray | None = None,
-                   gated: bool = True) -> TokenParity:
+def compare_tokens(
+    reference: np.ndarray, candidate: np.ndarray, ref_scores: np.ndarray | None = None, gated: bool = True
+) -> TokenParity:
     """Position-by-position comparison of two greedy generations; a gated check passes only when every
     prompt matches, except where torch itself was at a tie (top-2 logits within TIE_MARGIN) at the divergence."""
     first, ties, agree = [], 0, []
@@ -211,14 +204,28 @@ def compare_tokens(reference: np.ndarray, candidate: np.ndarray, ref_scores: np.
             ties += int(top2[1] - top2[0] < TIE_MARGIN)
     identical = sum(d is None for d in first)
     passed = (not gated) or identical + ties == len(first)
-    return TokenParity(prompts=len(first), new_tokens=n, identical=identical,
-                       token_agreement=round(float(np.mean(agree)), 4), ties=ties, first_divergence=first,
-                       gated=gated, passed=bool(passed))
+    return TokenParity(
+        prompts=len(first),
+        new_tokens=n,
+        identical=identical,
+        token_agreement=round(float(np.mean(agree)), 4),
+        ties=ties,
+        first_divergence=first,
+        gated=gated,
+        passed=bool(passed),
+    )
 
 
-def check_generation(torch_model: Any, tokenizer: Any, folder: Path, kind: GenKind, prompts: list[str],
-                     new_tokens: int = 16, reference: tuple | None = None,
-                     gated: bool = True) -> tuple[TokenParity, np.ndarray]:
+def check_generation(
+    torch_model: Any,
+    tokenizer: Any,
+    folder: Path,
+    kind: GenKind,
+    prompts: list[str],
+    new_tokens: int = 16,
+    reference: tuple | None = None,
+    gated: bool = True,
+) -> tuple[TokenParity, np.ndarray]:
     """Greedy tokens of the ONNX folder (loaded with optimum) against torch's on the same prompts;
     returns the comparison and the folder's generated ids (prompts x new_tokens)."""
     ref, ref_scores = reference or greedy(torch_model, tokenizer, prompts, new_tokens, scores=True)

@@ -5,6 +5,7 @@ packing; this file only decides *which* MatMuls: those whose weight initializer 
 layer the torch side registered as int4 (so low-rank adapters and untouched layers stay float).
 The weights are already on ORT's grid, so re-quantizing them is lossless.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +16,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from compress.core.fs import scratch_cwd
+
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
 
 
-WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}      # where each op takes its weight: MatMul B (K, N), Gather data (V, H)
+WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # where each op takes its weight: MatMul B (K, N), Gather data (V, H)
 
 
 def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> dict[str, str]:
@@ -43,23 +46,27 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
     embedding Gathers GatherBlockQuantized (blocks along the hidden dim). Returns counts."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from compress.stages.base import scratch_cwd
-
     model = onnx.load(str(src))
     nodes_of = layer_nodes(model, {name: w for name, (w, _) in weights_kn.items()})
     missing = sorted(set(weights_kn) - set(nodes_of))
     if missing:
         raise ValueError(f"int4 packing found no MatMul for {len(missing)} layer(s), e.g. {missing[0]}")
-    groups: dict[object, list[str]] = defaultdict(list)      # format -> MatMul node names to pack
+    groups: dict[object, list[str]] = defaultdict(list)  # format -> MatMul node names to pack
     for name, node in nodes_of.items():
         groups[weights_kn[name][1]].append(node)
     matmuls = [n.name for n in model.graph.node if n.op_type in WEIGHT_INPUT]
     current = model
     with scratch_cwd():
         for fmt, nodes in groups.items():
-            quantizer = MatMulNBitsQuantizer(current, bits=4, block_size=fmt.block_size, is_symmetric=fmt.symmetric,
-                                             accuracy_level=fmt.accuracy_level or None, op_types_to_quantize=tuple(WEIGHT_INPUT),
-                                             nodes_to_exclude=[n for n in matmuls if n not in set(nodes)])
+            quantizer = MatMulNBitsQuantizer(
+                current,
+                bits=4,
+                block_size=fmt.block_size,
+                is_symmetric=fmt.symmetric,
+                accuracy_level=fmt.accuracy_level or None,
+                op_types_to_quantize=tuple(WEIGHT_INPUT),
+                nodes_to_exclude=[n for n in matmuls if n not in set(nodes)],
+            )
             quantizer.process()
             current = quantizer.model.model
     onnx.save(current, str(dst))

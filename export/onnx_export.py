@@ -4,6 +4,7 @@ Stands beside optimum's exporter (``optimum.exporters.onnx.onnx_export_from_mode
 transformers architectures and sentence-transformers pipelines; ``torch.onnx.export`` is the fallback
 for a model optimum does not cover. Knows nothing about pruning or quantization.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,15 +13,18 @@ from pathlib import Path
 
 import onnx
 
-from compress.errors import CompressError
-from compress.models import LoadedModel
+from compress.core.errors import CompressError
+from compress.core.models import LoadedModel
 
 MODEL_FILE = "model.onnx"
 # optimum's sentence-transformers export calls the token embeddings "token_embeddings"; Optimum's
 # ORTModelForFeatureExtraction reads "last_hidden_state". Renaming makes the folder load unchanged there.
 TOKEN_OUTPUT = "last_hidden_state"
-OPTIMUM_TASK = {"sentence-embedding": "feature-extraction", "feature-extraction": "feature-extraction",
-                "text-classification": "text-classification"}
+OPTIMUM_TASK = {
+    "sentence-embedding": "feature-extraction",
+    "feature-extraction": "feature-extraction",
+    "text-classification": "text-classification",
+}
 
 
 def rename_output(path: Path, old: str, new: str) -> None:
@@ -41,7 +45,7 @@ def export_onnx(lm: LoadedModel, out_dir: Path, opset: int | None = None) -> Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         _export_with_optimum(lm, out_dir, opset)
-    except (KeyError, ValueError, NotImplementedError) as e:   # optimum: "... is not supported yet ..."
+    except (KeyError, ValueError, NotImplementedError) as e:  # optimum: "... is not supported yet ..."
         if lm.task == "sentence-embedding":
             raise
         logging.getLogger(__name__).info("optimum does not cover this model (%s); exporting with torch.onnx", e)
@@ -57,8 +61,15 @@ def _export_with_optimum(lm: LoadedModel, out_dir: Path, opset: int | None) -> N
     from optimum.exporters.onnx import onnx_export_from_model
 
     library = "sentence_transformers" if lm.task == "sentence-embedding" else "transformers"
-    onnx_export_from_model(lm.model, out_dir, task=OPTIMUM_TASK[lm.task], library_name=library,
-                           opset=opset, do_validation=False, device="cpu")
+    onnx_export_from_model(
+        lm.model,
+        out_dir,
+        task=OPTIMUM_TASK[lm.task],
+        library_name=library,
+        opset=opset,
+        do_validation=False,
+        device="cpu",
+    )
     if lm.task == "sentence-embedding":
         # Tokenizer files come from the folder the pipeline was loaded from, so the artefact's tokenizer is its own.
         lm.tokenizer.save_pretrained(str(out_dir))
@@ -84,9 +95,18 @@ def _export_with_torch(lm: LoadedModel, out_dir: Path, opset: int) -> None:
     # torch.export-based exporter: the legacy tracer bakes the example's attention-mask shape into the graph.
     batch, seq = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
     shapes = {n: {0: batch, 1: seq} for n in names}
-    torch.onnx.export(Wrapper(lm.model).eval(), (), str(out_dir / MODEL_FILE), kwargs={n: enc[n] for n in names},
-                      input_names=names, output_names=[out_name], dynamic_shapes=shapes, opset_version=max(opset, 18),
-                      dynamo=True, external_data=False)
+    torch.onnx.export(
+        Wrapper(lm.model).eval(),
+        (),
+        str(out_dir / MODEL_FILE),
+        kwargs={n: enc[n] for n in names},
+        input_names=names,
+        output_names=[out_name],
+        dynamic_shapes=shapes,
+        opset_version=max(opset, 18),
+        dynamo=True,
+        external_data=False,
+    )
     lm.tokenizer.save_pretrained(str(out_dir))
     lm.config.save_pretrained(str(out_dir))
 

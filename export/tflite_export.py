@@ -7,10 +7,10 @@ for the accuracy check. What stands beside them: a wrapper that makes the model 
 (input_ids, attention_mask) -> the task's output at one static (batch, seq), and the attention-mask fill rewrite
 (float32's minimum -> -1e4, as runtimes/qnn.py does for ONNX): left in, its range swamps every activation's
 quantization scale and the embeddings come out unrelated to the float ones.
-
-litert-torch's own PT2E quantizer was tried first: it leaves LayerNorm, Softmax, the attention matmuls and the
-pooling float, so Vela put 333 of 391 MiniLM operators on the Cortex-M CPU (outside its cycle count).
+Not litert-torch's own PT2E quantizer: it leaves LayerNorm, Softmax, the attention and the pooling float (README,
+Targets, has what that cost).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from compress.errors import CompressError
-from compress.models import LoadedModel
+from compress.core.errors import CompressError, first_line
+from compress.core.models import LoadedModel
 
 ACTIVATIONS = ("int16", "int8")
 CALIBRATION_SAMPLES = 64
@@ -36,7 +36,7 @@ def require_litert() -> str:
 
 
 def task_module(lm: LoadedModel):
-    """(input_ids, attention_mask) -> the task's output tensor, as compress.models.torch_outputs defines it."""
+    """(input_ids, attention_mask) -> the task's output tensor, as compress.core.models.torch_outputs defines it."""
     import torch
 
     class SentenceEmbedding(torch.nn.Module):
@@ -66,8 +66,9 @@ def task_module(lm: LoadedModel):
 def token_args(lm: LoadedModel, texts: list[str], batch: int, seq: int):
     import torch
 
-    enc = lm.tokenizer(texts + [""] * (batch - len(texts)), padding="max_length", truncation=True, max_length=seq,
-                       return_tensors="pt")
+    enc = lm.tokenizer(
+        texts + [""] * (batch - len(texts)), padding="max_length", truncation=True, max_length=seq, return_tensors="pt"
+    )
     return enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
 
 
@@ -81,7 +82,7 @@ def clamp_mask_fill(src: Path, dst: Path) -> int:
     for graph in model.subgraphs:
         for t in graph.tensors:
             buf = model.buffers[t.buffer] if t.buffer < len(model.buffers) else None
-            if t.type != 0 or buf is None or buf.data is None or len(buf.data) != 4:   # 0: FLOAT32
+            if t.type != 0 or buf is None or buf.data is None or len(buf.data) != 4:  # 0: FLOAT32
                 continue
             if np.frombuffer(bytes(buf.data), dtype=np.float32)[0] < MASK_FILL_LIMIT:
                 buf.data = np.frombuffer(np.float32(MASK_FILL).tobytes(), dtype=np.uint8)
@@ -95,11 +96,18 @@ def _signature(path: Path) -> tuple[str, list[str]]:
 
     it = Interpreter(model_path=str(path))
     key = next(iter(it.get_signature_list()))
-    return key, sorted(it.get_signature_runner(key).get_input_details())   # args_0 (input_ids), args_1 (mask)
+    return key, sorted(it.get_signature_runner(key).get_input_details())  # args_0 (input_ids), args_1 (mask)
 
 
-def export_int_tflite(lm: LoadedModel, dst: Path, calibration: list[str], batch: int = 1, seq: int = 128,
-                      activations: str = "int16", progress=lambda msg: None) -> dict:
+def export_int_tflite(
+    lm: LoadedModel,
+    dst: Path,
+    calibration: list[str],
+    batch: int = 1,
+    seq: int = 128,
+    activations: str = "int16",
+    progress=lambda msg: None,
+) -> dict:
     """Float TFLite (litert-torch) -> mask fill clamped -> static integer quantization (ai-edge-quantizer) -> ``dst``."""
     tool = require_litert()
     if activations not in ACTIVATIONS:
@@ -114,28 +122,40 @@ def export_int_tflite(lm: LoadedModel, dst: Path, calibration: list[str], batch:
         progress(f"litert_torch.convert at static {batch}x{seq} (float TFLite)")
         try:
             edge = litert_torch.convert(module, args)
-        except Exception as e:   # torch.export / lowering raise many types for untraceable code
-            raise CompressError(f"litert-torch could not convert this model ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}): the Ethos-U path needs an exportable model") from None
+        except Exception as e:  # torch.export / lowering raise many types for untraceable code
+            raise CompressError(
+                f"litert-torch could not convert this model ({type(e).__name__}: "
+                f"{first_line(e)[:200]}): the Ethos-U path needs an exportable model"
+            ) from None
         float_path, clamped = Path(tmp) / "float.tflite", Path(tmp) / "clamped.tflite"
         edge.export(str(float_path))
         n_clamped = clamp_mask_fill(float_path, clamped)
         key, names = _signature(clamped)
-        progress(f"ai-edge-quantizer static {activations} activations x int8 weights, "
-                 f"calibrated on {len(samples)} sentences")
+        progress(
+            f"ai-edge-quantizer static {activations} activations x int8 weights, calibrated on {len(samples)} sentences"
+        )
         feeds = []
         for i in range(0, len(samples), batch):
-            ids, mask = token_args(lm, samples[i:i + batch], batch, seq)
+            ids, mask = token_args(lm, samples[i : i + batch], batch, seq)
             feeds.append({names[0]: ids.numpy().astype(np.int32), names[1]: mask.numpy().astype(np.int32)})
-        q = quantizer.Quantizer(clamped, recipe.static_wi8_ai16() if activations == "int16" else recipe.static_wi8_ai8())
+        q = quantizer.Quantizer(
+            clamped, recipe.static_wi8_ai16() if activations == "int16" else recipe.static_wi8_ai8()
+        )
         result = q.quantize(q.calibrate({key: feeds}, num_threads=1))
         dst.write_bytes(bytes(result.quantized_model))
     from importlib.metadata import version
 
-    return {"tool": f"{tool}, ai-edge-quantizer {version('ai-edge-quantizer')}",
-            "quantizer": f"ai-edge-quantizer static_wi8_a{activations[3:]} (min/max, calibrated)",
-            "activations": activations, "weights": "int8", "calibration_samples": len(samples),
-            "mask_fill_clamped": n_clamped, "batch": batch, "seq": seq, "bytes": dst.stat().st_size}
+    return {
+        "tool": f"{tool}, ai-edge-quantizer {version('ai-edge-quantizer')}",
+        "quantizer": f"ai-edge-quantizer static_wi8_a{activations[3:]} (min/max, calibrated)",
+        "activations": activations,
+        "weights": "int8",
+        "calibration_samples": len(samples),
+        "mask_fill_clamped": n_clamped,
+        "batch": batch,
+        "seq": seq,
+        "bytes": dst.stat().st_size,
+    }
 
 
 def tflite_outputs(path: Path, lm: LoadedModel, texts: list[str], batch: int, seq: int) -> np.ndarray:
@@ -144,15 +164,15 @@ def tflite_outputs(path: Path, lm: LoadedModel, texts: list[str], batch: int, se
 
     it = Interpreter(model_path=str(path), num_threads=1)
     runner = it.get_signature_runner()
-    inputs = sorted(runner.get_input_details())          # args_0 (input_ids), args_1 (attention_mask)
+    inputs = sorted(runner.get_input_details())  # args_0 (input_ids), args_1 (attention_mask)
     out = []
     for i in range(0, len(texts), batch):
-        chunk = texts[i:i + batch]
+        chunk = texts[i : i + batch]
         ids, mask = token_args(lm, chunk, batch, seq)
         dtypes = [runner.get_input_details()[n]["dtype"] for n in inputs]
         res = runner(**{inputs[0]: ids.numpy().astype(dtypes[0]), inputs[1]: mask.numpy().astype(dtypes[1])})
-        (name, value), = res.items()
+        ((name, value),) = res.items()
         scale, zero = runner.get_output_details()[name].get("quantization", (0.0, 0))
         value = np.asarray(value, dtype=np.float32)
-        out.append(((value - zero) * scale if scale else value)[:len(chunk)])
+        out.append(((value - zero) * scale if scale else value)[: len(chunk)])
     return np.concatenate(out)

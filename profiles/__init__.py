@@ -5,55 +5,67 @@ target is obtained (``latency_source``: measured | vendor_model | analytic) and 
 bandwidth figures the analytic roofline (runtimes/roofline.py) divides by, with their sources and which
 of them are uncertain.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
+
+import tomllib
+
+from compress.core.errors import CompressError
 
 PROFILE_DIR = Path(__file__).parent
 
 KINDS = ("cpu", "gpu", "npu")
 LATENCY_SOURCES = ("measured", "vendor_model", "analytic")
 # Figures a profile may mark as uncertain (the roofline repeats them in its caveats).
-NUMERIC_FIELDS = ("peak_tops_int8", "peak_tflops_fp16", "peak_tflops_fp32", "bandwidth_gbs", "weight_bandwidth_gbs",
-                  "efficiency_compute", "efficiency_memory", "launch_us")
+NUMERIC_FIELDS = (
+    "peak_tops_int8",
+    "peak_tflops_fp16",
+    "peak_tflops_fp32",
+    "bandwidth_gbs",
+    "weight_bandwidth_gbs",
+    "efficiency_compute",
+    "efficiency_memory",
+    "launch_us",
+)
 PEAK_FIELDS = ("peak_tops_int8", "peak_tflops_fp16", "peak_tflops_fp32")
-DEFAULT_HOST_BANDWIDTH_GBS = 20.0   # assumed for the host CPU when its profile gives no bandwidth
+DEFAULT_HOST_BANDWIDTH_GBS = 20.0  # assumed for the host CPU when its profile gives no bandwidth
 
 
-class ProfileError(ValueError):
-    pass
+class ProfileError(CompressError):
+    """A profile that cannot be loaded or is invalid; the message names the fix."""
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str
     description: str
-    kind: str                       # cpu | gpu | npu
-    runtime: str                    # onnxruntime | vela | ...
+    kind: str  # cpu | gpu | npu
+    runtime: str  # onnxruntime | vela | ...
     execution_provider: str
-    latency_source: str             # measured | vendor_model | analytic
+    latency_source: str  # measured | vendor_model | analytic
     precisions: tuple[str, ...]
-    sparsity_patterns: tuple[str, ...] = ()      # patterns the target turns into speed, e.g. "2:4"
+    sparsity_patterns: tuple[str, ...] = ()  # patterns the target turns into speed, e.g. "2:4"
     notes: tuple[str, ...] = ()
     # Roofline figures (0 = not known). Dense peaks; TOPS/TFLOPS count a MAC as 2 operations.
     peak_tops_int8: float = 0.0
     peak_tflops_fp16: float = 0.0
     peak_tflops_fp32: float = 0.0
-    bandwidth_gbs: float = 0.0                   # activations (and weights unless weight_bandwidth_gbs is set)
-    weight_bandwidth_gbs: float = 0.0            # where weights stream from a slower port (Ethos-U flash/DRAM)
-    efficiency_compute: float = 0.3              # share of peak compute a real layer reaches
-    efficiency_memory: float = 0.6               # share of peak bandwidth a real layer reaches
-    launch_us: float = 0.0                       # fixed cost per op
+    bandwidth_gbs: float = 0.0  # activations (and weights unless weight_bandwidth_gbs is set)
+    weight_bandwidth_gbs: float = 0.0  # where weights stream from a slower port (Ethos-U flash/DRAM)
+    efficiency_compute: float = 0.3  # share of peak compute a real layer reaches
+    efficiency_memory: float = 0.6  # share of peak bandwidth a real layer reaches
+    launch_us: float = 0.0  # fixed cost per op
     sources: tuple[str, ...] = ()
-    uncertain: tuple[str, ...] = ()              # names of the fields above whose figures are uncertain
-    requires: tuple[str, ...] = ()               # python modules needed to measure or simulate the target
-    options: tuple[tuple[str, str], ...] = ()    # back-end options ([options] table): Vela configs, QNN soc_model
+    uncertain: tuple[str, ...] = ()  # names of the fields above whose figures are uncertain
+    requires: tuple[str, ...] = ()  # python modules needed to measure or simulate the target
+    options: tuple[tuple[str, str], ...] = ()  # back-end options ([options] table): Vela configs, QNN soc_model
     source_file: str = field(default="", compare=False)
 
     def option(self, key: str, default: str = "") -> str:
@@ -81,8 +93,9 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> DeviceProfile:
     names = {f.name for f in fields(DeviceProfile)} - {"source_file"}
     unknown = set(data) - names
     if unknown:
-        raise ProfileError(f"profile {source}: unknown key(s) {', '.join(sorted(unknown))}; "
-                           f"valid: {', '.join(sorted(names))}")
+        raise ProfileError(
+            f"profile {source}: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(names))}"
+        )
     required = ("name", "description", "kind", "runtime", "execution_provider", "latency_source", "precisions")
     missing = [k for k in required if k not in data]
     if missing:
@@ -96,7 +109,7 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> DeviceProfile:
             out[key] = _number(source, key, value)
         elif key == "options":
             if not isinstance(value, dict):
-                raise ProfileError(f"profile {source}: options must be a table ([options] with key = \"value\" lines)")
+                raise ProfileError(f'profile {source}: options must be a table ([options] with key = "value" lines)')
             out[key] = tuple(sorted((str(k), str(v)) for k, v in value.items()))
         elif isinstance(value, list):
             if not all(isinstance(v, str) for v in value):
@@ -124,19 +137,25 @@ def _number(source: str, key: str, value) -> float:
 def _check_values(p: DeviceProfile, source: str) -> None:
     for key in ("efficiency_compute", "efficiency_memory"):
         if not 0 < getattr(p, key) <= 1:
-            raise ProfileError(f"profile {source}: {key} = {getattr(p, key)} must be in (0, 1]: give the fraction of peak "
-                               "a real layer reaches, e.g. 0.3")
+            raise ProfileError(
+                f"profile {source}: {key} = {getattr(p, key)} must be in (0, 1]: give the fraction of peak "
+                "a real layer reaches, e.g. 0.3"
+            )
     bad = [u for u in p.uncertain if u not in NUMERIC_FIELDS]
     if bad:
-        raise ProfileError(f"profile {source}: uncertain names unknown field(s) {', '.join(bad)}; "
-                           f"valid: {', '.join(NUMERIC_FIELDS)}")
+        raise ProfileError(
+            f"profile {source}: uncertain names unknown field(s) {', '.join(bad)}; valid: {', '.join(NUMERIC_FIELDS)}"
+        )
     bad = [r for r in p.requires if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", r)]
     if bad:
-        raise ProfileError(f"profile {source}: requires lists importable module names (e.g. onnxruntime_qnn), "
-                           f"not {', '.join(bad)}")
+        raise ProfileError(
+            f"profile {source}: requires lists importable module names (e.g. onnxruntime_qnn), not {', '.join(bad)}"
+        )
     if p.latency_source == "analytic" and (p.bandwidth_gbs <= 0 or not any(getattr(p, k) > 0 for k in PEAK_FIELDS)):
-        raise ProfileError(f"profile {source}: an analytic profile needs bandwidth_gbs and at least one of "
-                           f"{', '.join(PEAK_FIELDS)} above 0")
+        raise ProfileError(
+            f"profile {source}: an analytic profile needs bandwidth_gbs and at least one of "
+            f"{', '.join(PEAK_FIELDS)} above 0"
+        )
 
 
 def missing_requirements(profile: DeviceProfile) -> tuple[str, ...]:
@@ -145,7 +164,7 @@ def missing_requirements(profile: DeviceProfile) -> tuple[str, ...]:
     for module in profile.requires:
         try:
             found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):   # a parent package is absent
+        except (ImportError, ValueError):  # a parent package is absent
             found = False
         if not found:
             missing.append(module)
@@ -153,6 +172,7 @@ def missing_requirements(profile: DeviceProfile) -> tuple[str, ...]:
 
 
 # --- the host CPU: its peak is derived at run time -------------------------------------------------
+
 
 @dataclass(frozen=True)
 class CpuFacts:
@@ -184,7 +204,7 @@ def cpu_facts(cpuinfo: str | None = None) -> CpuFacts:
         key, val = key.strip().lower(), val.strip()
         if key in ("model name", "hardware") and not model:
             model = val
-        elif key in ("flags", "features") and not flags:       # x86 "flags", aarch64 "Features"
+        elif key in ("flags", "features") and not flags:  # x86 "flags", aarch64 "Features"
             flags = set(val.split())
         elif key == "cpu mhz":
             mhz.append(float(val))

@@ -1,32 +1,24 @@
 """Run an exported model on text in ONNX Runtime and return the task's output (no torch here)."""
+
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 
+from compress.core.numerics import task_output
 from runtimes.ort import select_feeds
 
 
-def task_output(outputs: dict[str, np.ndarray], attention_mask: np.ndarray, task: str) -> np.ndarray:
-    """The one array a task is judged by: sentence embedding, logits, or mean-pooled hidden states."""
-    if task == "sentence-embedding" and "sentence_embedding" in outputs:
-        return outputs["sentence_embedding"]
-    if task == "text-classification":
-        return outputs["logits"]
-    hidden = outputs.get("last_hidden_state", next(iter(outputs.values())))   # (B, T, H)
-    m = attention_mask[..., None].astype(hidden.dtype)
-    return (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
-
-
-def ort_outputs(session: ort.InferenceSession, tokenizer, texts: list[str], task: str,
-                max_length: int = 128, batch_size: int = 32) -> np.ndarray:
+def ort_outputs(
+    session: ort.InferenceSession, tokenizer, texts: list[str], task: str, max_length: int = 128, batch_size: int = 32
+) -> np.ndarray:
     """Outputs in the order of ``texts``; batches are formed from length-sorted texts so little padding is computed
     (as sentence-transformers' encode does), then put back in order."""
     names = [o.name for o in session.get_outputs()]
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = []
     for i in range(0, len(texts), batch_size):
-        batch = [texts[j] for j in order[i:i + batch_size]]
+        batch = [texts[j] for j in order[i : i + batch_size]]
         enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds = select_feeds(session, enc)
         res = dict(zip(names, session.run(None, feeds)))

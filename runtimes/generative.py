@@ -11,6 +11,7 @@ The decode loop drives the exported graphs with ONNX Runtime sessions directly (
 framework overhead between steps); optimum's ``ORTModelFor*`` run the same graphs for apps and for the
 parity check (``export.generative``). Peak RSS is measured in a fresh process per artefact.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,15 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
-from export.generative import ONNX_FILES, GenKind, artifact_kind
+from compress.core.errors import CompressError
+from compress.core.kinds import ONNX_FILES, GenKind, artifact_kind
 from runtimes.host import host_info
 from runtimes.ort import cpu_session
 
@@ -45,14 +47,16 @@ class GenPoint:
 @dataclass(frozen=True)
 class GenProfileConfig:
     points: tuple[GenPoint, ...] = (GenPoint(1, 32), GenPoint(1, 128), GenPoint(4, 128))
-    new_tokens: int = 32        # tokens generated per run: 1 from the first step, new_tokens - 1 decode steps
-    runs: int = 5               # timed generations per point and variant
+    new_tokens: int = 32  # tokens generated per run: 1 from the first step, new_tokens - 1 decode steps
+    runs: int = 5  # timed generations per point and variant
     warmup: int = 1
-    threads: int = 0            # 0: the host's physical cores
+    threads: int = 0  # 0: the host's physical cores
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or self.threads < 0 or self.new_tokens < 2:
-            raise ValueError("runs must be >= 1, warmup and threads >= 0, new_tokens >= 2 (one decode step at least)")
+            raise CompressError(
+                "--runs must be >= 1, warm-up and --threads >= 0, --new-tokens >= 2 (one decode step at least)"
+            )
 
 
 @dataclass
@@ -64,10 +68,10 @@ class GenLatency:
     ttft_p50_ms: float
     ttft_p90_ms: float
     ttft_min_ms: float
-    decode_ms_per_step_p50: float   # median over runs of the mean decode-step time (KV cache in use)
-    tokens_per_s: float             # steady state, per sequence: 1000 / decode_ms_per_step_p50
-    tokens_per_s_batch: float       # steady state, all sequences of the batch together
-    total_ms_p50: float             # TTFT + all decode steps
+    decode_ms_per_step_p50: float  # median over runs of the mean decode-step time (KV cache in use)
+    tokens_per_s: float  # steady state, per sequence: 1000 / decode_ms_per_step_p50
+    tokens_per_s_batch: float  # steady state, all sequences of the batch together
+    total_ms_p50: float  # TTFT + all decode steps
     threads: int
     source: str = "measured"
     tool: str = ""
@@ -87,8 +91,10 @@ class OrtGenerator:
     def __init__(self, folder: Path, kind: GenKind | None = None, threads: int = 0):
         kind = kind or artifact_kind(folder)
         if kind is None:
-            raise ValueError(f"{folder} holds no generative ONNX layout ({' / '.join(ONNX_FILES['text-generation'])} "
-                             f"or {', '.join(ONNX_FILES['text2text-generation'])}, plus config.json)")
+            raise ValueError(
+                f"{folder} holds no generative ONNX layout ({' / '.join(ONNX_FILES['text-generation'])} "
+                f"or {', '.join(ONNX_FILES['text2text-generation'])}, plus config.json)"
+            )
         self.kind = kind
         self.threads = threads or host_info().physical_cores
         self.config = json.loads((folder / "config.json").read_text())
@@ -114,9 +120,9 @@ class OrtGenerator:
             if meta.name == "logits":
                 logits = value
             elif meta.name.startswith("present"):
-                state["past_key_values" + meta.name[len("present"):]] = value
+                state["past_key_values" + meta.name[len("present") :]] = value
             else:
-                state[meta.name] = value      # encoder: last_hidden_state
+                state[meta.name] = value  # encoder: last_hidden_state
         return logits
 
     def generate(self, input_ids: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float, list[float]]:
@@ -127,8 +133,11 @@ class OrtGenerator:
         steps = []
         if self.kind == "text-generation":
             sess = self.sessions["model"]
-            state = {"input_ids": input_ids, "attention_mask": mask,
-                     "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()}
+            state = {
+                "input_ids": input_ids,
+                "attention_mask": mask,
+                "position_ids": np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy(),
+            }
             for inp in sess.get_inputs():
                 if inp.name.startswith("past_key_values"):
                     state[inp.name] = np.zeros(_past_shape(inp, batch, 0), dtype=ORT_DTYPES.get(inp.type, np.float32))
@@ -137,7 +146,7 @@ class OrtGenerator:
             ttft = time.perf_counter() - t0
             for k in range(1, new_tokens):
                 t0 = time.perf_counter()
-                state["input_ids"] = out[:, k - 1:k]
+                state["input_ids"] = out[:, k - 1 : k]
                 state["attention_mask"] = np.ones((batch, seq + k), dtype=np.int64)
                 state["position_ids"] = np.full((batch, 1), seq + k - 1, dtype=np.int64)
                 out[:, k] = self._run("model", state)[:, -1].argmax(-1)
@@ -153,7 +162,7 @@ class OrtGenerator:
         ttft = time.perf_counter() - t0
         for k in range(1, new_tokens):
             t0 = time.perf_counter()
-            state["input_ids"] = out[:, k - 1:k]
+            state["input_ids"] = out[:, k - 1 : k]
             out[:, k] = self._run("decoder_with_past_model", state)[:, -1].argmax(-1)
             steps.append(time.perf_counter() - t0)
         return out, ttft, steps
@@ -163,11 +172,13 @@ def check_lengths(config: dict, cfg: GenProfileConfig) -> None:
     """Refuse input + output lengths past the model's learned positions (GPT-2 style) before any timing."""
     limit = config.get("n_positions") or config.get("max_position_embeddings")
     if config.get("is_encoder_decoder") or not limit:
-        return                                  # relative / rotary positions: no hard limit in the graph
+        return  # relative / rotary positions: no hard limit in the graph
     longest = max(p.input_len for p in cfg.points) + cfg.new_tokens
     if longest > int(limit):
-        raise ValueError(f"input length + new tokens = {longest} exceeds the model's {limit} positions: "
-                         "use shorter --shapes or fewer --new-tokens")
+        raise CompressError(
+            f"input length + new tokens = {longest} exceeds the model's {limit} positions: "
+            "use shorter --shapes or fewer --new-tokens"
+        )
 
 
 def random_ids(batch: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -177,7 +188,9 @@ def random_ids(batch: int, seq: int, vocab: int, seed: int = 0) -> np.ndarray:
     return rng.integers(low, vocab, size=(batch, seq), dtype=np.int64)
 
 
-def _summarise(ttfts: list[float], steps: list[list[float]], point: GenPoint, new_tokens: int, threads: int) -> GenLatency:
+def _summarise(
+    ttfts: list[float], steps: list[list[float]], point: GenPoint, new_tokens: int, threads: int
+) -> GenLatency:
     ttft_ms = np.asarray(ttfts) * 1e3
     step_ms = np.asarray([np.mean(s) for s in steps]) * 1e3
     total_ms = ttft_ms + np.asarray([np.sum(s) for s in steps]) * 1e3
@@ -185,18 +198,30 @@ def _summarise(ttfts: list[float], steps: list[list[float]], point: GenPoint, ne
     caveats = ["tokenization not included; greedy argmax on the host; EOS ignored (fixed work per run)"]
     if len(ttfts) < 10:
         caveats.append(f"only {len(ttfts)} timed runs per point: percentiles are rough, compare ratios")
-    return GenLatency(batch=point.batch, input_len=point.input_len, new_tokens=new_tokens, runs=len(ttfts),
-                      ttft_p50_ms=round(float(np.median(ttft_ms)), 3),
-                      ttft_p90_ms=round(float(np.percentile(ttft_ms, 90)), 3), ttft_min_ms=round(float(ttft_ms.min()), 3),
-                      decode_ms_per_step_p50=round(p50_step, 3), tokens_per_s=round(1e3 / p50_step, 2),
-                      tokens_per_s_batch=round(point.batch * 1e3 / p50_step, 2),
-                      total_ms_p50=round(float(np.median(total_ms)), 3), threads=threads,
-                      tool=f"onnxruntime {ort.__version__} CPUExecutionProvider", device=host_info().cpu_model,
-                      caveats=caveats)
+    return GenLatency(
+        batch=point.batch,
+        input_len=point.input_len,
+        new_tokens=new_tokens,
+        runs=len(ttfts),
+        ttft_p50_ms=round(float(np.median(ttft_ms)), 3),
+        ttft_p90_ms=round(float(np.percentile(ttft_ms, 90)), 3),
+        ttft_min_ms=round(float(ttft_ms.min()), 3),
+        decode_ms_per_step_p50=round(p50_step, 3),
+        tokens_per_s=round(1e3 / p50_step, 2),
+        tokens_per_s_batch=round(point.batch * 1e3 / p50_step, 2),
+        total_ms_p50=round(float(np.median(total_ms)), 3),
+        threads=threads,
+        tool=f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        device=host_info().cpu_model,
+        caveats=caveats,
+    )
 
 
-def measure_generation(models: dict[str, Path], cfg: GenProfileConfig = GenProfileConfig(),
-                       on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[GenLatency]]:
+def measure_generation(
+    models: dict[str, Path],
+    cfg: GenProfileConfig = GenProfileConfig(),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[GenLatency]]:
     """Time every artefact folder at every point, interleaved round by round. {label: [GenLatency per point]}."""
     gens = {label: OrtGenerator(path, threads=cfg.threads) for label, path in models.items()}
     for g in gens.values():
@@ -212,7 +237,7 @@ def measure_generation(models: dict[str, Path], cfg: GenProfileConfig = GenProfi
         ttfts: dict[str, list[float]] = defaultdict(list)
         steps: dict[str, list[list[float]]] = defaultdict(list)
         for r in range(cfg.runs):
-            for k in range(len(labels)):                       # rotate the order every round
+            for k in range(len(labels)):  # rotate the order every round
                 label = labels[(r + k) % len(labels)]
                 _, ttft, st = gens[label].generate(ids[label], cfg.new_tokens)
                 ttfts[label].append(ttft)
@@ -231,8 +256,16 @@ def peak_rss_mb(folder: Path, point: GenPoint, new_tokens: int, threads: int = 0
     ``baseline_mb``: the same process after its imports, before any session; ``model_mb`` = peak - baseline.
     """
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "runtimes.generative", str(Path(folder).resolve()), str(point.batch),
-           str(point.input_len), str(new_tokens), str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "runtimes.generative",
+        str(Path(folder).resolve()),
+        str(point.batch),
+        str(point.input_len),
+        str(new_tokens),
+        str(threads),
+    ]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
@@ -249,7 +282,7 @@ def _vm_hwm_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # no procfs: best effort
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: best effort
 
 
 def _rss_child(folder: str, batch: str, seq: str, new_tokens: str, threads: str) -> None:
@@ -257,9 +290,20 @@ def _rss_child(folder: str, batch: str, seq: str, new_tokens: str, threads: str)
     gen = OrtGenerator(Path(folder), threads=int(threads))
     gen.generate(random_ids(int(batch), int(seq), gen.vocab_size), int(new_tokens))
     peak = _vm_hwm_mb()
-    print(json.dumps({"peak_mb": round(peak, 1), "baseline_mb": round(base, 1), "model_mb": round(peak - base, 1),
-                      "batch": int(batch), "input_len": int(seq), "new_tokens": int(new_tokens),
-                      "source": "measured", "tool": "VmHWM of a fresh process (/proc/self/status)"}))
+    print(
+        json.dumps(
+            {
+                "peak_mb": round(peak, 1),
+                "baseline_mb": round(base, 1),
+                "model_mb": round(peak - base, 1),
+                "batch": int(batch),
+                "input_len": int(seq),
+                "new_tokens": int(new_tokens),
+                "source": "measured",
+                "tool": "VmHWM of a fresh process (/proc/self/status)",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Library calls used as they are: ORT's CUDA / TensorRT EPs and their provider opt
 convert_float_to_float16`` for fp16, and compress.stages.quant.apply_static (ORT ``quantize_static``, QDQ) for
 int8. What stands beside them: the timing loop (ORT ships no Python timing tool) and the 2:4 pattern check.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,21 +24,26 @@ import shutil
 import subprocess
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError, first_line
+from runtimes.host import host_info
+from runtimes.ort import input_names, synthetic_feeds
 from runtimes.profiler import Latency, timing_fields
+from runtimes.qnn import parse_partition_log, stderr_to
 
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 EPS = (CUDA_EP, TRT_EP)
-CPU_EP = "CPUExecutionProvider"     # only to check the harness itself where no GPU is (tests); labelled as such
-INSTALL_HINT = ('pip uninstall -y onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]>=1.27" '
-                '"tensorrt-cu13>=10.13,<11" (the [gpu-trt] extra\'s packages; README, Targets)')
+CPU_EP = "CPUExecutionProvider"  # only to check the harness itself where no GPU is (tests); labelled as such
+INSTALL_HINT = (
+    'pip uninstall -y onnxruntime && pip install "onnxruntime-gpu[cuda,cudnn]>=1.27" '
+    '"tensorrt-cu13>=10.13,<11" (the [gpu-trt] extra\'s packages; README, Targets)'
+)
 PRECISIONS = ("fp32", "fp16", "int8-qdq")
 MIN_RUNS = 100
 
@@ -45,30 +51,32 @@ MIN_RUNS = 100
 @dataclass(frozen=True)
 class GpuConfig:
     runs: int = MIN_RUNS
-    warmup: int = 10            # after the excluded first run
+    warmup: int = 10  # after the excluded first run
     device_id: int = 0
-    cache_dir: Path | None = None   # TensorRT engine + timing cache (default: a folder beside the model)
+    cache_dir: Path | None = None  # TensorRT engine + timing cache (default: a folder beside the model)
 
     def __post_init__(self) -> None:
         if self.runs < MIN_RUNS:
-            raise ValueError(f"GPU runs={self.runs}: use >= {MIN_RUNS} timed runs (p99 needs them)")
+            raise CompressError(f"GPU runs={self.runs}: use >= {MIN_RUNS} timed runs (p99 needs them)")
         if self.warmup < 0:
-            raise ValueError("GPU warmup must be >= 0")
+            raise CompressError("GPU warmup must be >= 0")
 
 
 @dataclass
 class GpuLatency(Latency):
     """One (variant, EP, shape): runtimes.profiler.Latency plus what only a GPU has."""
-    threads: int = 0            # host threads: not a GPU setting (kept for the report's Latency tables)
+
+    threads: int = 0  # host threads: not a GPU setting (kept for the report's Latency tables)
     precision: str = ""
     ep: str = ""
-    engine_build_s: float = 0.0     # session creation + the excluded first run (TensorRT: the engine build)
+    engine_build_s: float = 0.0  # session creation + the excluded first run (TensorRT: the engine build)
     first_run_ms: float = 0.0
     provider_options: dict = field(default_factory=dict)
-    placement: dict = field(default_factory=dict)   # EP -> nodes after ORT's partitioning (TensorRT: fused subgraphs)
+    placement: dict = field(default_factory=dict)  # EP -> nodes after ORT's partitioning (TensorRT: fused subgraphs)
 
 
 # --- what this host has -----------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=1)
 def device_name() -> str:
@@ -77,8 +85,13 @@ def device_name() -> str:
     if exe is None:
         return "CUDA device"
     try:
-        out = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20, check=True).stdout
+        out = subprocess.run(
+            [exe, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "CUDA device"
     return parse_nvidia_smi(out)
@@ -102,11 +115,11 @@ def _preload() -> None:
     if hasattr(ort, "preload_dlls"):
         try:
             ort.preload_dlls()
-        except Exception:      # noqa: BLE001 - the session probe says what is missing
+        except Exception:
             pass
     try:
         importlib.import_module("tensorrt")
-    except Exception:          # noqa: BLE001 - no TensorRT: the TensorRT EP probe reports it
+    except Exception:
         pass
 
 
@@ -118,42 +131,46 @@ def _probe(ep: str) -> str | None:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=[ep])
-    except Exception as e:     # noqa: BLE001 - any load failure means the EP is not usable; its first line says why
-        return f"the {ep} failed to start ({str(e).splitlines()[0][:160]})"
+    except Exception as e:
+        return f"the {ep} failed to start ({first_line(e)[:160]})"
     if sess.get_providers()[0] != ep:
-        return (f"the {ep} fell back to {sess.get_providers()[0]} (no CUDA device, or its CUDA/cuDNN/TensorRT "
-                "libraries missing)")
+        return (
+            f"the {ep} fell back to {sess.get_providers()[0]} (no CUDA device, or its CUDA/cuDNN/TensorRT "
+            "libraries missing)"
+        )
     return None
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
+def ep_usable(ep: str) -> str | None:
+    """None when a session on ``ep`` really runs on the device; else why not (one line): the CPU build, or an EP
+    listed but failing to start (no CUDA / cuDNN / tensorrt-cu13 libraries)."""
+    import onnxruntime as ort
+
+    if ep not in ort.get_available_providers():
+        build = " (the CPU build is installed)" if ep == CUDA_EP else ""
+        return f"onnxruntime {ort.__version__} has no {ep}{build}"
+    _preload()
+    return _probe(ep)
+
+
 def cuda_usable() -> str | None:
-    """None when a CUDA session really runs on the device; else why not (one line)."""
-    import onnxruntime as ort
-
-    if CUDA_EP not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no {CUDA_EP} (the CPU build is installed)"
-    _preload()
-    return _probe(CUDA_EP)
+    return ep_usable(CUDA_EP)
 
 
-@functools.lru_cache(maxsize=1)
 def trt_usable() -> str | None:
-    """None when a TensorRT EP session really runs; else why not (e.g. no tensorrt-cu13 libraries)."""
-    import onnxruntime as ort
-
-    if TRT_EP not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} has no {TRT_EP}"
-    _preload()
-    return _probe(TRT_EP)
+    return ep_usable(TRT_EP)
 
 
 def available_eps() -> list[str]:
@@ -167,8 +184,9 @@ def require_cuda() -> list[str]:
     """The GPU EPs this host can use, or one line naming what is missing and how to get it."""
     why = cuda_usable()
     if why is not None:
-        raise CompressError(f"GPU measurement needs onnxruntime-gpu and a CUDA device: {why}; on a CUDA machine: "
-                            f"{INSTALL_HINT}")
+        raise CompressError(
+            f"GPU measurement needs onnxruntime-gpu and a CUDA device: {why}; on a CUDA machine: {INSTALL_HINT}"
+        )
     return available_eps()
 
 
@@ -180,14 +198,23 @@ def tool_label(ep: str) -> str:
 
 # --- provider options (pure functions: checked without a GPU) ----------------------------------------------
 
+
 def profile_shapes(inputs: list[str], batch: int, seq: int) -> str:
     """TensorRT optimisation-profile shapes 'input_ids:1x128,attention_mask:1x128' for 2-D token inputs."""
     return ",".join(f"{name}:{batch}x{seq}" for name in inputs)
 
 
-def trt_options(cache_dir: Path, *, precision: str = "fp32", sparsity: bool = False, device_id: int = 0,
-                inputs: list[str] | None = None, batch: int | None = None, seq: int | None = None,
-                min_shape: tuple[int, int] | None = None) -> dict[str, str]:
+def trt_options(
+    cache_dir: Path,
+    *,
+    precision: str = "fp32",
+    sparsity: bool = False,
+    device_id: int = 0,
+    inputs: list[str] | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    min_shape: tuple[int, int] | None = None,
+) -> dict[str, str]:
     """TensorRT EP options for one variant.
 
     fp16: ``trt_fp16_enable``, also for the fp16-converted model, so TensorRT may pick fp16 kernels for every
@@ -199,12 +226,16 @@ def trt_options(cache_dir: Path, *, precision: str = "fp32", sparsity: bool = Fa
     ``min_shape`` .. (batch, seq) for running text of varying lengths."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision '{precision}' is not one of {', '.join(PRECISIONS)}")
-    opts = {"device_id": str(device_id),
-            "trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir),
-            "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache_dir),
-            "trt_fp16_enable": "1" if precision in ("fp16", "int8-qdq") else "0",
-            "trt_int8_enable": "1" if precision == "int8-qdq" else "0",
-            "trt_sparsity_enable": "1" if sparsity else "0"}
+    opts = {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": "1" if precision in ("fp16", "int8-qdq") else "0",
+        "trt_int8_enable": "1" if precision == "int8-qdq" else "0",
+        "trt_sparsity_enable": "1" if sparsity else "0",
+    }
     if inputs and batch and seq:
         shapes = profile_shapes(inputs, batch, seq)
         low = profile_shapes(inputs, *min_shape) if min_shape else shapes
@@ -231,13 +262,17 @@ def providers(ep: str, options: dict[str, str], device_id: int = 0) -> list:
 def caveats(ep: str, precision: str, sparsity: bool = False) -> list[str]:
     if ep == CPU_EP:
         return ["CPU EP through the GPU harness: a check of the harness, not a GPU measurement"]
-    out = ["inputs and outputs bound on the device (IOBinding): host<->device copies and tokenization not timed",
-           "first run excluded (recorded as engine_build_s / first_run_ms)"]
+    out = [
+        "inputs and outputs bound on the device (IOBinding): host<->device copies and tokenization not timed",
+        "first run excluded (recorded as engine_build_s / first_run_ms)",
+    ]
     if ep == CUDA_EP and precision == "fp32":
         out.append("CUDA EP defaults: fp32 MatMuls may run as TF32 on Ampere+ tensor cores")
     if ep == CUDA_EP and precision == "int8-qdq":
-        out.append("CUDA EP has few int8 kernels: a QDQ graph mostly runs as float with Q/DQ in between; "
-                   "TensorRT is the int8 path")
+        out.append(
+            "CUDA EP has few int8 kernels: a QDQ graph mostly runs as float with Q/DQ in between; "
+            "TensorRT is the int8 path"
+        )
     if ep == TRT_EP:
         out.append("TensorRT EP with CUDA EP fallback for nodes TensorRT does not take; engine cached per shape")
     if ep == TRT_EP and precision == "int8-qdq":
@@ -249,6 +284,7 @@ def caveats(ep: str, precision: str, sparsity: bool = False) -> list[str]:
 
 # --- variants ------------------------------------------------------------------------------------------
 
+
 def to_fp16(src: Path, dst: Path) -> dict:
     """fp16 weights and compute, fp32 graph inputs/outputs (ORT's convert_float_to_float16, keep_io_types)."""
     import onnx
@@ -258,8 +294,11 @@ def to_fp16(src: Path, dst: Path) -> dict:
     half = convert_float_to_float16(model, keep_io_types=True)
     onnx.save(half, str(dst))
     inits = [i.data_type for i in half.graph.initializer]
-    return {"fp16_initializers": inits.count(onnx.TensorProto.FLOAT16),
-            "fp32_initializers": inits.count(onnx.TensorProto.FLOAT), "converter": "onnxruntime.transformers.float16"}
+    return {
+        "fp16_initializers": inits.count(onnx.TensorProto.FLOAT16),
+        "fp32_initializers": inits.count(onnx.TensorProto.FLOAT),
+        "converter": "onnxruntime.transformers.float16",
+    }
 
 
 ONE_SIDED = {"Relu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Erf"}
@@ -282,28 +321,11 @@ def after_one_sided_activation(path: Path, depth: int = 3) -> list[str]:
             return True
         return node.op_type in ("Mul", "Add", "Div") and any(one_sided(i, left - 1) for i in node.input)
 
-    return [n.name for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in consts
-            and one_sided(n.input[0], depth)]
-
-
-def to_int8_qdq(src: Path, dst: Path, calibration: tuple[dict, ...], host=None,
-                keep_one_sided_float: bool = True) -> dict:
-    """Static int8 QDQ through the quant.static stage (compress.stages.quant.apply_static), set for TensorRT.
-
-    TensorRT's Q/DQ are signed with zero point 0 (explicit quantization): activations are int8 and symmetric here,
-    unlike the CPU stage's asymmetric uint8 default. The MatMuls fed by a GELU/ReLU stay float (fp16 under
-    TensorRT): their one-sided inputs lose a bit to a symmetric range, which on MiniLM cost far more accuracy than
-    the rest together (benchmarks/gpu_int8_fidelity.py). The fidelity on the device is reported beside latency."""
-    from compress.stages.base import OnnxContext
-    from compress.stages.quant import StaticQuant, apply_static
-    from runtimes.host import host_info
-
-    ctx = OnnxContext(calibration=tuple(calibration), host=host or host_info(), model_type="", num_heads=0,
-                      hidden_size=0)
-    keep = tuple(after_one_sided_activation(src)) if keep_one_sided_float else ()
-    cfg = StaticQuant(activation_type="int8", weight_type="int8", symmetric_activations=True, exclude=keep)
-    return apply_static(cfg, src, dst, ctx) | {"activation_type": "int8", "weight_type": "int8",
-                                               "symmetric_activations": True, "kept_float": len(keep)}
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in consts and one_sided(n.input[0], depth)
+    ]
 
 
 def two_four_fraction(path: Path) -> float:
@@ -325,7 +347,7 @@ def two_four_fraction(path: Path) -> float:
         k = w.shape[0] - w.shape[0] % 4
         if k == 0:
             continue
-        groups = (w[:k] == 0).reshape(k // 4, 4, w.shape[1]).sum(axis=1) >= 2     # (K/4, N)
+        groups = (w[:k] == 0).reshape(k // 4, 4, w.shape[1]).sum(axis=1) >= 2  # (K/4, N)
         total += w[:k].size
         sparse += int(groups.sum()) * 4
     return sparse / total if total else 0.0
@@ -338,39 +360,49 @@ def is_two_four(path: Path, threshold: float = 0.9) -> bool:
 
 # --- timing ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Variant:
-    label: str          # e.g. "fp16/TensorRT"
+    label: str  # e.g. "fp16/TensorRT"
     path: Path
     precision: str
     ep: str
     sparsity: bool = False
 
 
-def variants_for(models: dict[str, tuple[Path, str]], eps: list[str], sparse: dict[str, bool] | None = None
-                 ) -> list[Variant]:
+def variants_for(
+    models: dict[str, tuple[Path, str]], eps: list[str], sparse: dict[str, bool] | None = None
+) -> list[Variant]:
     """Every (model, EP) pair: models = {name: (path, precision)}; labels 'name/CUDA', 'name/TensorRT'."""
     short = {CUDA_EP: "CUDA", TRT_EP: "TensorRT", CPU_EP: "CPU"}
     sparse = sparse or {}
-    return [Variant(f"{name}/{short[ep]}", path, precision, ep, ep == TRT_EP and sparse.get(name, False))
-            for name, (path, precision) in models.items() for ep in eps]
+    return [
+        Variant(f"{name}/{short[ep]}", path, precision, ep, ep == TRT_EP and sparse.get(name, False))
+        for name, (path, precision) in models.items()
+        for ep in eps
+    ]
 
 
-def _summarise(times_s: list[float], batch: int, seq: int, v: Variant, build_s: float, first_ms: float,
-               options: dict) -> GpuLatency:
-    return GpuLatency(**timing_fields(times_s, batch, seq, digits=4), tool=tool_label(v.ep),
-                      device=device_name() if v.ep in EPS else _host_cpu(),
-                      caveats=caveats(v.ep, v.precision, v.sparsity), precision=v.precision, ep=v.ep,
-                      engine_build_s=round(build_s, 3), first_run_ms=round(first_ms, 3),
-                      provider_options=options)
+def _summarise(
+    times_s: list[float], batch: int, seq: int, v: Variant, build_s: float, first_ms: float, options: dict
+) -> GpuLatency:
+    return GpuLatency(
+        **timing_fields(times_s, batch, seq, digits=4),
+        tool=tool_label(v.ep),
+        device=device_name() if v.ep in EPS else _host_cpu(),
+        caveats=caveats(v.ep, v.precision, v.sparsity),
+        precision=v.precision,
+        ep=v.ep,
+        engine_build_s=round(build_s, 3),
+        first_run_ms=round(first_ms, 3),
+        provider_options=options,
+    )
 
 
 def placement(path: Path, ep: str, options: dict, device_id: int, log_file: Path) -> dict[str, int]:
     """Nodes per EP after ORT's partitioning, read from its verbose session log (the same lines the QNN pre-flight
     reads: runtimes.qnn.parse_partition_log). A separate session: verbose logging stays out of the timed one."""
     import onnxruntime as ort
-
-    from runtimes.qnn import parse_partition_log, stderr_to
 
     so = ort.SessionOptions()
     so.log_severity_level = 0
@@ -385,8 +417,13 @@ def placement_caveats(ep: str, nodes: dict[str, int]) -> list[str]:
     off = {k: v for k, v in nodes.items() if k != ep}
     if not off:
         return []
-    return ["not all on " + ep + ": " + ", ".join(f"{v} node(s) on {k}" for k, v in off.items())
-            + (" (host<->device copies inside the timed run)" if CPU_EP in off and ep != CPU_EP else "")]
+    return [
+        "not all on "
+        + ep
+        + ": "
+        + ", ".join(f"{v} node(s) on {k}" for k, v in off.items())
+        + (" (host<->device copies inside the timed run)" if CPU_EP in off and ep != CPU_EP else "")
+    ]
 
 
 def placement_text(nodes: dict[str, int]) -> str:
@@ -395,7 +432,6 @@ def placement_text(nodes: dict[str, int]) -> str:
 
 
 def _host_cpu() -> str:
-    from runtimes.host import host_info
 
     return host_info().cpu_model
 
@@ -406,25 +442,33 @@ class _Bound:
     def __init__(self, v: Variant, batch: int, seq: int, cfg: GpuConfig, cache_dir: Path):
         import onnxruntime as ort
 
-        from runtimes.ort import input_names, synthetic_feeds
-
         so = ort.SessionOptions()
         so.log_severity_level = 3
         probe = ort.InferenceSession(str(v.path), sess_options=so, providers=["CPUExecutionProvider"])
         names, feeds = input_names(probe), synthetic_feeds(probe, batch, seq)
         del probe
         if v.ep == TRT_EP:
-            self.options = trt_options(cache_dir, precision=v.precision, sparsity=v.sparsity, device_id=cfg.device_id,
-                                       inputs=names, batch=batch, seq=seq)
+            self.options = trt_options(
+                cache_dir,
+                precision=v.precision,
+                sparsity=v.sparsity,
+                device_id=cfg.device_id,
+                inputs=names,
+                batch=batch,
+                seq=seq,
+            )
         else:
             self.options = cuda_options(cfg.device_id) if v.ep == CUDA_EP else {}
         device = "cuda" if v.ep in EPS else "cpu"
         t0 = time.perf_counter()
-        self.sess = ort.InferenceSession(str(v.path), sess_options=so,
-                                         providers=providers(v.ep, self.options, cfg.device_id))
+        self.sess = ort.InferenceSession(
+            str(v.path), sess_options=so, providers=providers(v.ep, self.options, cfg.device_id)
+        )
         if self.sess.get_providers()[0] != v.ep:
-            raise CompressError(f"{v.label}: ORT fell back to {self.sess.get_providers()[0]} instead of {v.ep}: "
-                                "check the CUDA / TensorRT libraries (ORT's log at severity 0 says which)")
+            raise CompressError(
+                f"{v.label}: ORT fell back to {self.sess.get_providers()[0]} instead of {v.ep}: "
+                "check the CUDA / TensorRT libraries (ORT's log at severity 0 says which)"
+            )
         self.io = self.sess.io_binding()
         self.inputs = {k: ort.OrtValue.ortvalue_from_numpy(a, device, cfg.device_id) for k, a in feeds.items()}
         for name, value in self.inputs.items():
@@ -432,7 +476,7 @@ class _Bound:
         for out in self.sess.get_outputs():
             self.io.bind_output(out.name, device, cfg.device_id)
         t1 = time.perf_counter()
-        self.run()                                   # excluded: TensorRT builds (or loads) its engine here
+        self.run()  # excluded: TensorRT builds (or loads) its engine here
         self.first_run_s = time.perf_counter() - t1
         self.build_s = time.perf_counter() - t0
         # after the timed session built (and cached) its engine, so its build time is the real one
@@ -441,13 +485,18 @@ class _Bound:
     def run(self) -> float:
         t0 = time.perf_counter()
         self.sess.run_with_iobinding(self.io)
-        self.io.synchronize_outputs()               # the GPU's work is done before the clock is read
+        self.io.synchronize_outputs()  # the GPU's work is done before the clock is read
         return time.perf_counter() - t0
 
 
-def measure_gpu(variants: list[Variant], shapes, cfg: GpuConfig = GpuConfig(), work: Path | None = None,
-                on_progress: Callable[[int, int], None] | None = None,
-                log: Callable[[str], None] = lambda msg: None) -> dict[str, list[GpuLatency]]:
+def measure_gpu(
+    variants: list[Variant],
+    shapes,
+    cfg: GpuConfig = GpuConfig(),
+    work: Path | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, list[GpuLatency]]:
     """Time every variant at every shape (objects with .batch/.seq), interleaved. {label: [GpuLatency per shape]}.
 
     A CUDA device is required unless every variant is on the CPU EP (the harness checking itself in tests)."""
@@ -461,7 +510,10 @@ def measure_gpu(variants: list[Variant], shapes, cfg: GpuConfig = GpuConfig(), w
             root = cfg.cache_dir or (work or v.path.parent) / "trt-cache"
             cache = Path(root) / f"{v.label.replace('/', '-')}-{shape.batch}x{shape.seq}"
             cache.mkdir(parents=True, exist_ok=True)
-            log(f"{v.label} at {shape.batch}x{shape.seq}: session + first run" + (" (TensorRT engine build)" if v.ep == TRT_EP else ""))
+            log(
+                f"{v.label} at {shape.batch}x{shape.seq}: session + first run"
+                + (" (TensorRT engine build)" if v.ep == TRT_EP else "")
+            )
             bound[v.label] = _Bound(v, shape.batch, shape.seq, cfg, cache)
         for b in bound.values():
             for _ in range(cfg.warmup):

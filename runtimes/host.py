@@ -1,4 +1,5 @@
 """What machine a measurement was taken on: the facts an int8 or int4 speed-up depends on."""
+
 from __future__ import annotations
 
 import os
@@ -57,5 +58,11 @@ def host_info() -> HostInfo:
 
     model, flags, physical = _cpuinfo()
     logical = os.cpu_count() or 1
-    return HostInfo(cpu_model=model, logical_cores=logical, physical_cores=physical or logical,
-                    isa={f: f in flags for f in ISA_FLAGS}, machine=platform.machine(), onnxruntime=ort.__version__)
+    return HostInfo(
+        cpu_model=model,
+        logical_cores=logical,
+        physical_cores=physical or logical,
+        isa={f: f in flags for f in ISA_FLAGS},
+        machine=platform.machine(),
+        onnxruntime=ort.__version__,
+    )

@@ -1,4 +1,5 @@
 """ONNX Runtime sessions on the CPU execution provider, and feeds shaped for a session's inputs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +27,9 @@ def input_names(session: ort.InferenceSession) -> list[str]:
     return [i.name for i in session.get_inputs()]
 
 
-def synthetic_feeds(session: ort.InferenceSession, batch: int, seq: int, vocab: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_feeds(
+    session: ort.InferenceSession, batch: int, seq: int, vocab: int = 1000, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Token-id feeds of an exact (batch, seq) shape for timing: random ids, full attention mask."""
     rng = np.random.default_rng(seed)
     feeds = {}

@@ -5,6 +5,7 @@ written here; the op breakdown stands beside ORT's own profiler (``SessionOption
 Interleaving matters on a shared machine: every round times each variant once, in rotating order, so a
 noisy neighbour slows all of them alike and their ratio holds.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,14 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
+from compress.core.errors import CompressError
 from runtimes.host import HostInfo, host_info
 from runtimes.ort import cpu_session, synthetic_feeds
 
@@ -29,14 +31,14 @@ class Shape:
     seq: int
 
     @classmethod
-    def parse(cls, text: str) -> "Shape":
+    def parse(cls, text: str) -> Shape:
         """'1x128' -> Shape(1, 128)."""
         try:
             b, s = (int(x) for x in text.lower().split("x"))
         except ValueError:
-            raise ValueError(f"shape '{text}' is not BATCHxSEQ, e.g. 1x128") from None
+            raise CompressError(f"shape '{text}' is not BATCHxSEQ, e.g. 1x128") from None
         if b < 1 or s < 1:
-            raise ValueError(f"shape '{text}': batch and sequence length must be >= 1")
+            raise CompressError(f"shape '{text}': batch and sequence length must be >= 1")
         return cls(b, s)
 
     def __str__(self) -> str:
@@ -45,16 +47,16 @@ class Shape:
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(32, 128))   # latency, throughput
+    shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(32, 128))  # latency, throughput
     runs: int = 50
     warmup: int = 5
-    threads: int = 0          # 0: the host's physical cores
-    op_runs: int = 10         # runs under ORT's profiler for the op breakdown
+    threads: int = 0  # 0: the host's physical cores
+    op_runs: int = 10  # runs under ORT's profiler for the op breakdown
     top_ops: int = 8
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or self.threads < 0:
-            raise ValueError("runs must be >= 1, warmup and threads >= 0")
+            raise CompressError("--runs must be >= 1, warm-up and --threads >= 0")
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Latency:
     p99_ms: float
     mean_ms: float
     min_ms: float
-    throughput_per_s: float      # sequences per second at p50
+    throughput_per_s: float  # sequences per second at p50
     threads: int
     source: str = "measured"
     tool: str = ""
@@ -79,20 +81,33 @@ def timing_fields(times_s: list[float], batch: int, seq: int, digits: int = 3) -
     """The statistics every Latency carries, from wall times in seconds (CPU here, GPU in runtimes.gpu)."""
     ms = np.asarray(times_s) * 1e3
     p50 = float(np.percentile(ms, 50))
-    return {"batch": batch, "seq": seq, "runs": len(ms), "p50_ms": round(p50, digits),
-            "p90_ms": round(float(np.percentile(ms, 90)), digits), "p99_ms": round(float(np.percentile(ms, 99)), digits),
-            "mean_ms": round(float(ms.mean()), digits), "min_ms": round(float(ms.min()), digits),
-            "throughput_per_s": round(batch / (p50 / 1e3), 2)}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "runs": len(ms),
+        "p50_ms": round(p50, digits),
+        "p90_ms": round(float(np.percentile(ms, 90)), digits),
+        "p99_ms": round(float(np.percentile(ms, 99)), digits),
+        "mean_ms": round(float(ms.mean()), digits),
+        "min_ms": round(float(ms.min()), digits),
+        "throughput_per_s": round(batch / (p50 / 1e3), 2),
+    }
 
 
 def _summarise(times_s: list[float], shape: Shape, threads: int, host: HostInfo) -> Latency:
     caveats = [] if len(times_s) >= 50 else [f"only {len(times_s)} timed runs: percentiles are rough"]
-    return Latency(**timing_fields(times_s, shape.batch, shape.seq), threads=threads,
-                   tool=f"onnxruntime {ort.__version__} CPUExecutionProvider", device=host.cpu_model, caveats=caveats)
+    return Latency(
+        **timing_fields(times_s, shape.batch, shape.seq),
+        threads=threads,
+        tool=f"onnxruntime {ort.__version__} CPUExecutionProvider",
+        device=host.cpu_model,
+        caveats=caveats,
+    )
 
 
-def measure_latency(models: dict[str, Path], cfg: ProfileConfig = ProfileConfig(),
-                    on_progress: Callable[[int, int], None] | None = None) -> dict[str, list[Latency]]:
+def measure_latency(
+    models: dict[str, Path], cfg: ProfileConfig = ProfileConfig(), on_progress: Callable[[int, int], None] | None = None
+) -> dict[str, list[Latency]]:
     """Time every model at every shape, interleaved round by round. Returns {label: [Latency per shape]}."""
     host = host_info()
     threads = cfg.threads or host.physical_cores
@@ -107,7 +122,7 @@ def measure_latency(models: dict[str, Path], cfg: ProfileConfig = ProfileConfig(
                 sessions[label].run(None, feeds[label])
         times: dict[str, list[float]] = defaultdict(list)
         for r in range(cfg.runs):
-            for k in range(len(labels)):                       # rotate the order every round
+            for k in range(len(labels)):  # rotate the order every round
                 label = labels[(r + k) % len(labels)]
                 t0 = time.perf_counter()
                 sessions[label].run(None, feeds[label])
@@ -125,7 +140,7 @@ def op_breakdown(path: Path, shape: Shape, threads: int, runs: int = 10, top: in
     with tempfile.TemporaryDirectory() as tmp:
         sess = cpu_session(path, threads or host_info().physical_cores, profile_prefix=os.path.join(tmp, "ort"))
         feeds = synthetic_feeds(sess, shape.batch, shape.seq)
-        sess.run(None, feeds)                                   # warm-up, excluded below by run count
+        sess.run(None, feeds)  # warm-up, excluded below by run count
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -139,5 +154,12 @@ def op_breakdown(path: Path, shape: Shape, threads: int, runs: int = 10, top: in
     total = sum(per_op.values()) or 1.0
     ranked = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
     # (runs + 1) profiled runs including the warm-up: report per-run averages.
-    return [{"op_type": op, "ms_per_run": round(us / (runs + 1) / 1e3, 3), "share": round(us / total, 4),
-             "nodes": len(nodes[op])} for op, us in ranked]
+    return [
+        {
+            "op_type": op,
+            "ms_per_run": round(us / (runs + 1) / 1e3, 3),
+            "share": round(us / total, 4),
+            "nodes": len(nodes[op]),
+        }
+        for op, us in ranked
+    ]

@@ -10,6 +10,7 @@ Library calls used as they are: ``qnn_preprocess_model`` (static input shapes, G
 ``session.disable_cpu_ep_fallback`` / ``ep.context_enable`` options. What stands beside them: the attention-mask
 fill rewrite (``clamp_mask_fill``), and reading ORT's verbose partitioning log for which node went where and why.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,14 +18,15 @@ import re
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError, first_line
+from compress.core.numerics import task_output
 
 EP_NAME = "QNNExecutionProvider"
 INSTALL_HINT = 'pip install "edge-compress[qnn]"'
@@ -53,13 +55,14 @@ def qnn_version() -> str:
 
 # --- preparing the graph -----------------------------------------------------------------------------
 
+
 def clamp_mask_fill(model, limit: float = MASK_FILL_LIMIT, fill: float = MASK_FILL) -> list[str]:
     """Replace scalar float constants below ``limit`` (the attention-mask fill) with ``fill``; returns their names."""
     from onnx import numpy_helper
 
     changed = []
     for init in model.graph.initializer:
-        if init.data_type not in (1, 10) or np.prod(init.dims, dtype=np.int64) != 1:   # FLOAT / FLOAT16 scalars
+        if init.data_type not in (1, 10) or np.prod(init.dims, dtype=np.int64) != 1:  # FLOAT / FLOAT16 scalars
             continue
         a = numpy_helper.to_array(init)
         if float(a.reshape(-1)[0]) < limit:
@@ -86,8 +89,10 @@ def static_inputs(path: Path, batch: int, seq: int) -> list[tuple[str, str]]:
     for i in model.graph.input:
         dims = i.type.tensor_type.shape.dim
         if len(dims) != 2:
-            raise CompressError(f"input '{i.name}' has rank {len(dims)}: the QNN pre-flight fixes (batch, seq) "
-                                "token inputs only; export the model with 2-D token inputs")
+            raise CompressError(
+                f"input '{i.name}' has rank {len(dims)}: the QNN pre-flight fixes (batch, seq) "
+                "token inputs only; export the model with 2-D token inputs"
+            )
         out.append((i.name, f"{batch},{seq}"))
     return out
 
@@ -101,7 +106,7 @@ def prepare_static(src: Path, dst: Path, batch: int, seq: int) -> dict:
         pre = Path(tmp) / "pre.onnx"
         shapes = static_inputs(src, batch, seq)
         model = onnx.load(str(src))
-        if model.metadata_props:     # ORT 1.32's qnn_preprocess_model fails on them (dict.update of a proto list)
+        if model.metadata_props:  # ORT 1.32's qnn_preprocess_model fails on them (dict.update of a proto list)
             del model.metadata_props[:]
             src = Path(tmp) / "src.onnx"
             onnx.save(model, str(src))
@@ -110,7 +115,12 @@ def prepare_static(src: Path, dst: Path, batch: int, seq: int) -> dict:
         model = onnx.load(str(pre))
     clamped = clamp_mask_fill(model)
     onnx.save(model, str(dst))
-    return {"batch": batch, "seq": seq, "mask_fill_clamped": clamped, "ops": dict(Counter(n.op_type for n in model.graph.node))}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "mask_fill_clamped": clamped,
+        "ops": dict(Counter(n.op_type for n in model.graph.node)),
+    }
 
 
 class _Feeds:
@@ -129,11 +139,11 @@ class _Feeds:
         return Reader(feeds)
 
 
-def quantize_qdq(src: Path, dst: Path, feeds: Iterable[dict], activations: str = "uint16",
-                 weights: str = "uint8") -> dict:
+def quantize_qdq(
+    src: Path, dst: Path, feeds: Iterable[dict], activations: str = "uint16", weights: str = "uint8"
+) -> dict:
     """Static QDQ for the HTP: ORT's get_qnn_qdq_config (MinMax) and quantize, calibrated on ``feeds``."""
     from onnxruntime.quantization import QuantType, quantize
-
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
 
     types = {"uint8": QuantType.QUInt8, "uint16": QuantType.QUInt16}
@@ -145,11 +155,16 @@ def quantize_qdq(src: Path, dst: Path, feeds: Iterable[dict], activations: str =
         raise CompressError("QNN quantization needs calibration text: pass --data FILE or keep the shipped sentences")
     cfg = get_qnn_qdq_config(str(src), _Feeds(feeds), activation_type=types[activations], weight_type=types[weights])
     quantize(str(src), str(dst), cfg)
-    return {"activations": activations, "weights": weights, "calibration_samples": len(feeds),
-            "calibration": "MinMax (get_qnn_qdq_config)"}
+    return {
+        "activations": activations,
+        "weights": weights,
+        "calibration_samples": len(feeds),
+        "calibration": "MinMax (get_qnn_qdq_config)",
+    }
 
 
 # --- sessions on the simulator -------------------------------------------------------------------------
+
 
 def _register() -> object:
     import onnxruntime as ort
@@ -178,10 +193,13 @@ def session_options(profile, *, strict: bool = True, context_file: Path | None =
     if context_file is not None:
         so.add_session_config_entry("ep.context_enable", "1")
         so.add_session_config_entry("ep.context_file_path", str(context_file))
-    options = {"backend_path": q.get_qnn_htp_path(), "htp_arch": profile.option("htp_arch", "75"),
-               "soc_model": profile.option("soc_model", "0"),
-               # graph I/O Q/DQ stays on the NPU, as it must under strict (the EP turns offload off there itself)
-               "offload_graph_io_quantization": "0"}
+    options = {
+        "backend_path": q.get_qnn_htp_path(),
+        "htp_arch": profile.option("htp_arch", "75"),
+        "soc_model": profile.option("soc_model", "0"),
+        # graph I/O Q/DQ stays on the NPU, as it must under strict (the EP turns offload off there itself)
+        "offload_graph_io_quantization": "0",
+    }
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     so.add_provider_for_devices(devices, options)
     return so
@@ -221,27 +239,30 @@ _OPERATOR = re.compile(r"Operator type: (?P<op>\S+) Node name: (?P<name>.*?) Nod
 _REASON = re.compile(r"REASON : (?P<reason>.*)")
 _PLACED = re.compile(r"(?P<all>All nodes|Node\(s\)) placed on \[(?P<ep>[^\]]+)\]\. Number of nodes: (?P<n>\d+)")
 _PLACED_NODE = re.compile(r"VerifyEachNodeIsAssignedToAnEp\]\s{2,}(?P<op>\S+) \((?P<name>.*)\)\s*$")
-_BACKEND = re.compile(r"backendValidateOpConfig\(\) failed for node `(?P<name>[^`]*)` of type `(?P<qnn_op>[^`]*)` "
-                      r"with error code (?P<code>\d+)")
+_BACKEND = re.compile(
+    r"backendValidateOpConfig\(\) failed for node `(?P<name>[^`]*)` of type `(?P<qnn_op>[^`]*)` "
+    r"with error code (?P<code>\d+)"
+)
 
 
 @dataclass
 class Placement:
     """Where ORT put each node: the EP's fused partitions, the CPU nodes, and the QNN EP's stated reasons."""
-    partitions: dict[str, int] = field(default_factory=dict)       # EP -> nodes (QNN: fused partitions)
-    npu_nodes: dict[str, str] = field(default_factory=dict)          # node name -> op type, validated for the HTP
+
+    partitions: dict[str, int] = field(default_factory=dict)  # EP -> nodes (QNN: fused partitions)
+    npu_nodes: dict[str, str] = field(default_factory=dict)  # node name -> op type, validated for the HTP
     cpu_nodes: list[tuple[str, str]] = field(default_factory=list)  # (op_type, node name)
-    reasons: dict[str, str] = field(default_factory=dict)            # node name -> why the QNN EP refused it
+    reasons: dict[str, str] = field(default_factory=dict)  # node name -> why the QNN EP refused it
 
 
 def parse_partition_log(text: str) -> Placement:
     """Parse ORT's verbose session log (severity 0): LogNodeSupport failures and VerifyEachNodeIsAssignedToAnEp."""
     p = Placement()
     lines = _ANSI.sub("", text).splitlines()
-    pending: list[str] | None = None          # node names of the FAILED block being read
-    passed = False                            # reading a PASSED block
+    pending: list[str] | None = None  # node names of the FAILED block being read
+    passed = False  # reading a PASSED block
     current_ep = None
-    backend: dict[str, str] = {}             # node -> the HTP backend's validation error, logged before FAILED
+    backend: dict[str, str] = {}  # node -> the HTP backend's validation error, logged before FAILED
     for line in lines:
         m = _BACKEND.search(line)
         if m:
@@ -286,16 +307,20 @@ def fix_for(op_type: str, reason: str) -> str:
     """What to do about one node the HTP refuses (one line)."""
     r = reason.lower()
     if "not supported by qnn ep" in r:
-        return (f"the QNN HTP has no {op_type} kernel: rewrite it into supported ops before export (or drop it from "
-                "the deployed graph and run it in the app)")
+        return (
+            f"the QNN HTP has no {op_type} kernel: rewrite it into supported ops before export (or drop it from "
+            "the deployed graph and run it in the app)"
+        )
     if "dynamic" in r or "shape" in r:
         return "give every input a static shape (the pre-flight fixes batch x seq; check other inputs)"
     if "float" in r or "data type" in r or "datatype" in r:
         return "quantize it: the node must sit between DequantizeLinear/QuantizeLinear pairs (QDQ)"
     if "backend validation failed" in r:
-        return (f"the HTP rejects this {op_type}'s tensor types or encodings (e.g. a uint8 table without QDQ from "
-                "CPU dynamic quantization): quantize the fp32 export for the HTP instead (compress run MODEL "
-                "--target npu-qnn-htp), or give the node QDQ-wrapped inputs")
+        return (
+            f"the HTP rejects this {op_type}'s tensor types or encodings (e.g. a uint8 table without QDQ from "
+            "CPU dynamic quantization): quantize the fp32 export for the HTP instead (compress run MODEL "
+            "--target npu-qnn-htp), or give the node QDQ-wrapped inputs"
+        )
     if "graph output" in r or "graph input" in r:
         return "keep graph I/O quantization on the NPU (offload_graph_io_quantization=0)"
     return f"see the reason; the QNN EP's supported-op list says which {op_type} attributes and types the HTP takes"
@@ -320,8 +345,8 @@ def compile_context(qdq: Path, profile, context_file: Path) -> str | None:
     with tempfile.TemporaryDirectory(prefix="qnn-compile-") as tmp, stderr_to(Path(tmp) / "compile.log"):
         try:
             ort.InferenceSession(str(qdq), sess_options=so)
-        except Exception as e:   # onnxruntime raises its own Fail/RuntimeException types
-            return str(e).splitlines()[0] if str(e) else type(e).__name__
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
+            return first_line(e)
     return None
 
 
@@ -336,25 +361,45 @@ def op_table(qdq: Path, placement: Placement) -> list[dict]:
     cpu = Counter(op for op, _ in placement.cpu_nodes)
     rows = []
     for op in sorted(set(total) | set(npu) | set(cpu), key=lambda o: (-cpu.get(o, 0), -total.get(o, 0), o)):
-        rows.append({"op_type": op, "nodes": total.get(op, 0), "npu": npu.get(op, 0), "cpu": cpu.get(op, 0),
-                     "folded": max(total.get(op, 0) - npu.get(op, 0) - cpu.get(op, 0), 0)})
+        rows.append(
+            {
+                "op_type": op,
+                "nodes": total.get(op, 0),
+                "npu": npu.get(op, 0),
+                "cpu": cpu.get(op, 0),
+                "folded": max(total.get(op, 0) - npu.get(op, 0) - cpu.get(op, 0), 0),
+            }
+        )
     return rows
 
 
 def blockers(placement: Placement) -> list[dict]:
-    return [{"op_type": op, "node": name, "reason": placement.reasons.get(name, "assigned to the CPU by ORT"),
-             "fix": fix_for(op, placement.reasons.get(name, ""))} for op, name in placement.cpu_nodes]
+    return [
+        {
+            "op_type": op,
+            "node": name,
+            "reason": placement.reasons.get(name, "assigned to the CPU by ORT"),
+            "fix": fix_for(op, placement.reasons.get(name, "")),
+        }
+        for op, name in placement.cpu_nodes
+    ]
 
 
 # --- running text through a fixed-shape session ----------------------------------------------------------
+
 
 def static_feeds(tokenizer, texts: list[str], input_names: list[str], batch: int, seq: int) -> list[dict]:
     """Token feeds of exactly (batch, seq): the last batch is padded with empty rows (dropped after the run)."""
     feeds = []
     for i in range(0, len(texts), batch):
-        chunk = texts[i:i + batch]
-        enc = tokenizer(chunk + [""] * (batch - len(chunk)), padding="max_length", truncation=True, max_length=seq,
-                        return_tensors="np")
+        chunk = texts[i : i + batch]
+        enc = tokenizer(
+            chunk + [""] * (batch - len(chunk)),
+            padding="max_length",
+            truncation=True,
+            max_length=seq,
+            return_tensors="np",
+        )
         f = {}
         for name in input_names:
             if name in enc:
@@ -368,9 +413,7 @@ def static_feeds(tokenizer, texts: list[str], input_names: list[str], batch: int
 
 
 def static_outputs(session, tokenizer, texts: list[str], task: str, batch: int, seq: int) -> np.ndarray:
-    """The task output (as runtimes.encode.task_output) of a fixed-shape session, one row per text."""
-    from runtimes.encode import task_output
-
+    """The task output (compress.core.numerics.task_output) of a fixed-shape session, one row per text."""
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     out = []

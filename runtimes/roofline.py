@@ -3,72 +3,82 @@
     t_node = max(2 * MACs / (peak_ops * eff_compute), bytes / (bandwidth * eff_memory)) + launch
     t      = sum of t_node over the nodes that do work
 
-Shapes come from ONNX shape inference, node by node, on a copy of the graph whose inputs are fixed to
-(batch, seq); the shape arithmetic (Shape -> Gather -> Concat -> Reshape ...) is folded to constants on the
-way, as a compiler does for static shapes. The result is labelled ``"source": "analytic"`` and carries its caveats:
+Shapes come from ``runtimes.shapes``: static shape inference node by node on a copy of the graph whose inputs
+are fixed to (batch, seq), shape arithmetic folded to constants on the way, as a compiler does. The result is labelled ``"source": "analytic"`` and carries its caveats:
 it is an estimate, never a measurement. Nothing here imports torch or runs a model.
 """
+
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from profiles import (DEFAULT_HOST_BANDWIDTH_GBS, PEAK_FIELDS, DeviceProfile, cpu_facts, fp32_flops_per_cycle,
-                      has_int8_dot, host_cpu_peak, load_profile)
+from compress.core.errors import CompressError
+from compress.core.onnx_ops import INT8_OPS, QDQ_OPS
+from profiles import (
+    DEFAULT_HOST_BANDWIDTH_GBS,
+    PEAK_FIELDS,
+    DeviceProfile,
+    cpu_facts,
+    fp32_flops_per_cycle,
+    has_int8_dot,
+    host_cpu_peak,
+    load_profile,
+)
+from runtimes.shapes import (
+    EMBED_OPS,
+    ShapeError,
+    Shapes,
+    TensorInfo,
+    attr,
+    concrete_inputs,
+    infer_shapes,
+    load_skeleton,
+)
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int4")
 # Bytes per element when a precision is forced: int4 means 4-bit weights, 8-bit activations, int8 compute (w4a8).
 WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 0.5}
 ACT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0, "int4": 1.0}
 # Which peak a node may use when the profile has none for its own precision (each use becomes a caveat).
-RATE_FALLBACK = {"fp32": ("fp32", "fp16"), "fp16": ("fp16", "fp32"),
-                 "int8": ("int8", "fp16", "fp32"), "int4": ("int8", "fp16", "fp32")}
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+RATE_FALLBACK = {
+    "fp32": ("fp32", "fp16"),
+    "fp16": ("fp16", "fp32"),
+    "int8": ("int8", "fp16", "fp32"),
+    "int4": ("int8", "fp16", "fp32"),
+}
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
-QUANT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
-               TensorProto.INT4, TensorProto.UINT4}
+QUANT_TYPES = {
+    TensorProto.INT8,
+    TensorProto.UINT8,
+    TensorProto.INT16,
+    TensorProto.UINT16,
+    TensorProto.INT4,
+    TensorProto.UINT4,
+}
 _HALF_BYTE = {TensorProto.INT4, TensorProto.UINT4}
 
 # Nodes that cost nothing on a compiled target: views, Q/DQ pairs fused into their neighbours, shape ops.
 VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Dropout"}
-QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 FREE_OPS = VIEW_OPS | QDQ_OPS | {"Constant", "Shape", "Size"}
-# Ops that compute in int8 whatever their neighbours are (ORT's integer kernels and com.microsoft fused ops).
-INT8_OPS = {"MatMulInteger", "QLinearMatMul", "QLinearConv", "ConvInteger", "QAttention", "DynamicQuantizeMatMul",
-            "MatMulIntegerToFloat", "QGemm"}
-EMBED_OPS = {"EmbedLayerNormalization", "QEmbedLayerNormalization"}
-FOLD_LIMIT = 1 << 16        # elements: constants up to this size are evaluated, larger ones are weights
-_NO_FOLD = QDQ_OPS | {"DynamicQuantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
-                      "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
 
 
-class RooflineError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    elem_type: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+class RooflineError(CompressError):
+    """The estimator cannot estimate this graph on this profile; the message says why."""
 
 
 @dataclass(frozen=True)
 class Peaks:
     """What the roofline divides by, for one profile on this host: ops/s per precision, bytes/s."""
-    rates: tuple[tuple[str, float], ...]     # ("int8", ops/s), ("fp16", ...), ("fp32", ...); 0 = none
-    bandwidth: float                         # bytes/s for activations
-    weight_bandwidth: float                  # bytes/s for weights
+
+    rates: tuple[tuple[str, float], ...]  # ("int8", ops/s), ("fp16", ...), ("fp32", ...); 0 = none
+    bandwidth: float  # bytes/s for activations
+    weight_bandwidth: float  # bytes/s for weights
     eff_compute: float
     eff_memory: float
     launch_s: float
@@ -87,7 +97,7 @@ class Peaks:
 class NodeCost:
     name: str
     op_type: str
-    precision: str          # the rate the node was costed at (after any fallback)
+    precision: str  # the rate the node was costed at (after any fallback)
     macs: int
     act_bytes: float
     weight_bytes: float
@@ -106,6 +116,7 @@ class NodeCost:
 
 # --- device peaks ---------------------------------------------------------------------------------
 
+
 def device_peaks(profile: DeviceProfile) -> Peaks:
     """The profile's figures in ops/s and bytes/s; the host CPU's peak is derived at run time."""
     caveats = []
@@ -115,246 +126,41 @@ def device_peaks(profile: DeviceProfile) -> Peaks:
         host, facts = host_cpu_peak(profile), cpu_facts()
         int8, fp32, bandwidth = host.gops_int8 * 1e9, host.gflops_fp32 * 1e9, host.bandwidth_gbs
         int8_rate = "4x (VNNI/AMX)" if has_int8_dot(facts.flags) else "2x (no VNNI)"
-        caveats.append(f"host peak from /proc/cpuinfo: {facts.physical_cores} core(s) x {facts.mhz:.0f} MHz x "
-                       f"{fp32_flops_per_cycle(facts.flags)} fp32 FLOP/cycle = {host.gflops_fp32:.0f} GFLOPS; "
-                       f"int8 {int8_rate} = {host.gops_int8:.0f} GOPS")
+        caveats.append(
+            f"host peak from /proc/cpuinfo: {facts.physical_cores} core(s) x {facts.mhz:.0f} MHz x "
+            f"{fp32_flops_per_cycle(facts.flags)} fp32 FLOP/cycle = {host.gflops_fp32:.0f} GFLOPS; "
+            f"int8 {int8_rate} = {host.gops_int8:.0f} GOPS"
+        )
         if profile.bandwidth_gbs <= 0:
-            caveats.append(f"memory bandwidth {DEFAULT_HOST_BANDWIDTH_GBS:g} GB/s is an assumption (not readable on "
-                           "the host): set bandwidth_gbs in a copy of the profile")
+            caveats.append(
+                f"memory bandwidth {DEFAULT_HOST_BANDWIDTH_GBS:g} GB/s is an assumption (not readable on "
+                "the host): set bandwidth_gbs in a copy of the profile"
+            )
     if bandwidth <= 0:
         raise RooflineError(f"profile {profile.name} gives no bandwidth_gbs: add it to estimate latency")
     if not (int8 or fp16 or fp32):
-        raise RooflineError(f"profile {profile.name} gives no peak ({', '.join(PEAK_FIELDS)}): "
-                            "add one to estimate latency")
+        raise RooflineError(
+            f"profile {profile.name} gives no peak ({', '.join(PEAK_FIELDS)}): add one to estimate latency"
+        )
     weight_bw = profile.weight_bandwidth_gbs or bandwidth
-    return Peaks(rates=(("int8", int8), ("fp16", fp16), ("fp32", fp32)), bandwidth=bandwidth * 1e9,
-                 weight_bandwidth=weight_bw * 1e9, eff_compute=profile.efficiency_compute,
-                 eff_memory=profile.efficiency_memory, launch_s=profile.launch_us * 1e-6, caveats=tuple(caveats))
-
-
-# --- concrete shapes ------------------------------------------------------------------------------
-
-def load_skeleton(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with large weights' data dropped (dims and types kept): shape inference needs no more."""
-    if isinstance(model, onnx.ModelProto):
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-    else:
-        m = onnx.load(str(model), load_external_data=False)   # onnx.load; external weights stay on disk
-    for t in m.graph.initializer:
-        if math.prod(t.dims) > FOLD_LIMIT and t.data_location != TensorProto.EXTERNAL:
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(f)
-    return m
-
-
-def concrete_inputs(model: onnx.ModelProto, batch: int, seq: int,
-                    input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[int, ...]]:
-    """Each graph input's shape: token inputs are (batch, seq); other symbolic dims follow the same names,
-    a leading one is the batch; ``input_shapes`` overrides any input."""
-    input_shapes = dict(input_shapes or {})
-    inits = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    symbols: dict[str, int] = {}
-    for i in inputs:
-        dims = i.type.tensor_type.shape.dim
-        if i.name in TOKEN_INPUTS and len(dims) == 2:
-            for d, v in zip(dims, (batch, seq)):
-                if d.dim_param:
-                    symbols[d.dim_param] = v
-    out = {}
-    for i in inputs:
-        if i.name in input_shapes:
-            out[i.name] = tuple(int(v) for v in input_shapes[i.name])
-            continue
-        if not i.type.tensor_type.HasField("shape"):
-            raise RooflineError(f"input '{i.name}' has no shape in the graph: pass input_shapes={{'{i.name}': (...)}}")
-        dims = i.type.tensor_type.shape.dim
-        if i.name in TOKEN_INPUTS and len(dims) == 2:
-            out[i.name] = (batch, seq)
-            continue
-        shape = []
-        for axis, d in enumerate(dims):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(d.dim_value)
-            elif d.dim_param in symbols:
-                shape.append(symbols[d.dim_param])
-            elif axis == 0:
-                shape.append(batch)
-            elif re.search(r"seq|len|token", d.dim_param, re.I):
-                shape.append(seq)
-            else:
-                raise RooflineError(f"input '{i.name}' dim {axis} ('{d.dim_param or '?'}') has no size: pass "
-                                    f"input_shapes={{'{i.name}': (...)}}")
-        out[i.name] = tuple(shape)
-    return out
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """Concrete shapes of the graph's tensors at one input shape, and which tensors are compile-time constants."""
-    infos: dict[str, TensorInfo]
-    constants: frozenset[str]     # initializers and outputs of nodes folded to values (shape arithmetic)
-    folded: int                   # nodes folded
-
-
-def infer_shapes(model: onnx.ModelProto, inputs: dict[str, tuple[int, ...]]) -> Shapes:
-    """One walk in topological order: a node whose inputs are known small constants (or a Shape of a concrete
-    tensor) is evaluated, as a compiler folds shape arithmetic for static shapes; other standard ops get their
-    output types from onnx.shape_inference.infer_node_outputs, com.microsoft fused ops from ``contrib_outputs``.
-    ``model``'s inputs are set to ``inputs``.
-
-    Not onnx.shape_inference.infer_shapes on the whole graph: it infers nothing past a com.microsoft op, leaves
-    Shape -> Slice chains symbolic and keeps the exporter's stale symbolic value_info. Not
-    onnxruntime.tools.symbolic_shape_infer: importing onnxruntime.tools imports torch, it fails on fused BERT
-    exports (Expand) and then writes sym_shape_infer_temp.onnx plus a copy of the weights into the working
-    directory. A node whose shape stays unknown is reported in the caveats."""
-    from onnx.reference import ReferenceEvaluator   # onnx's numpy evaluator, used on one small node at a time
-
-    for i in model.graph.input:
-        if i.name in inputs:
-            shape = i.type.tensor_type.shape
-            shape.ClearField("dim")
-            for v in inputs[i.name]:
-                shape.dim.add().dim_value = v
-    infos = {t.name: TensorInfo(tuple(t.dims), t.data_type) for t in model.graph.initializer}
-    infos.update({i.name: info for i in model.graph.input if (info := _info(i.type)) is not None})
-    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
-              if math.prod(t.dims) <= FOLD_LIMIT and t.data_location != TensorProto.EXTERNAL}
-    constants = {t.name for t in model.graph.initializer}
-    opsets = {o.domain or "": o.version for o in model.opset_import}
-    folded = 0
-    for node in model.graph.node:
-        outs = _fold(node, infos, values, model, ReferenceEvaluator)
-        if outs is not None:
-            folded += 1
-            for name, value in zip(node.output, outs):
-                infos[name] = TensorInfo(value.shape, helper.np_dtype_to_tensor_dtype(value.dtype))
-                constants.add(name)
-                if value.size <= FOLD_LIMIT:
-                    values[name] = value
-            continue
-        if node.domain in ("", "ai.onnx"):
-            found = _standard_outputs(node, infos, values, model, opsets)
-        elif node.domain == "com.microsoft":
-            found = dict(zip(node.output, contrib_outputs(node, infos)))
-        else:
-            found = {}
-        infos.update({k: v for k, v in found.items() if k and v is not None})
-    return Shapes(infos=infos, constants=frozenset(constants), folded=folded)
-
-
-def _fold(node: onnx.NodeProto, infos: dict[str, TensorInfo], values: dict[str, np.ndarray],
-          model: onnx.ModelProto, evaluator) -> list[np.ndarray] | None:
-    """The node's output values when they are known before run time, else None."""
-    if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in infos:
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
-        return [np.array(infos[node.input[0]].shape, dtype=np.int64)[start:end]]
-    if (node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD
-            or not all(i in values for i in node.input if i)):
-        return None
-    try:
-        single = helper.make_model(
-            helper.make_graph([node], "fold", [], [helper.make_value_info(o, onnx.TypeProto()) for o in node.output]),
-            opset_imports=list(model.opset_import), ir_version=model.ir_version)
-        outs = evaluator(single).run(None, {i: values[i] for i in node.input if i})
-        outs = [np.asarray(v) for v in outs]
-        for v in outs:
-            helper.np_dtype_to_tensor_dtype(v.dtype)     # raises for strings and other non-tensor values
-    except Exception:   # an op the reference evaluator lacks, or an odd value: infer the shape instead
-        return None
-    return outs
-
-
-def _standard_outputs(node: onnx.NodeProto, infos: dict[str, TensorInfo], values: dict[str, np.ndarray],
-                      model: onnx.ModelProto, opsets: dict[str, int]) -> dict[str, TensorInfo | None]:
-    subgraph = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-    if not all(i in infos for i in node.input if i) or any(a.type in subgraph for a in node.attribute):
-        return {}
-    try:
-        schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain or "", 1), node.domain or "")
-        types = {i: helper.make_tensor_type_proto(infos[i].elem_type, infos[i].shape) for i in node.input if i}
-        data = {i: numpy_helper.from_array(values[i], i) for i in node.input if i in values}
-        # onnx.shape_inference.infer_node_outputs: the op's own inference function, constant inputs included
-        out = onnx.shape_inference.infer_node_outputs(schema, node, types, data, opset_imports=list(model.opset_import),
-                                                      ir_version=model.ir_version)
-    except Exception:   # unknown schema or an inference error: the node stays unknown (and is reported)
-        return {}
-    return {name: _info(tp) for name, tp in out.items()}
-
-
-def _info(tp: onnx.TypeProto) -> TensorInfo | None:
-    tt = tp.tensor_type
-    if not tp.HasField("tensor_type") or not tt.HasField("shape"):
-        return None
-    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
-    return TensorInfo(tuple(dims), tt.elem_type) if all(d >= 0 for d in dims) else None
-
-
-def contrib_outputs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> list[TensorInfo | None]:
-    """Output shapes of com.microsoft fused ops ONNX has no schema for (from ORT's contrib op specs)."""
-    ins = [infos.get(i) if i else None for i in node.input]
-    x = ins[0] if ins else None
-    op = node.op_type
-    if x is None:
-        return []
-    if op in ("BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd", "BiasSoftmax", "LayerNormalization",
-              "SimplifiedLayerNormalization", "RotaryEmbedding"):
-        return [x]
-    if op == "BiasSplitGelu":
-        return [TensorInfo(x.shape[:-1] + (x.shape[-1] // 2,), x.elem_type)]
-    if op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"):
-        return [x, None, None, x]                    # output 3: input + skip (+ bias)
-    if op in ("Attention", "QAttention") and len(ins) > 1 and ins[1] is not None and len(x.shape) == 3:
-        qkv = _attr(node, "qkv_hidden_sizes", None)
-        v_hidden = qkv[2] if qkv else ins[1].shape[-1] // 3
-        dtype = ins[2].elem_type if len(ins) > 2 and ins[2] is not None else TensorProto.FLOAT
-        return [TensorInfo(x.shape[:2] + (v_hidden,), dtype)]
-    if op == "MultiHeadAttention" and len(x.shape) == 3:
-        v = ins[2] if len(ins) > 2 else None
-        width = v.shape[-1] if v is not None and len(v.shape) == 3 else x.shape[-1]
-        return [TensorInfo(x.shape[:2] + (width,), x.elem_type)]
-    if op == "GroupQueryAttention" and len(x.shape) == 3:      # query (B, S, Nq*h), or packed Q|K|V when no key
-        heads, kv_heads = _attr(node, "num_heads", 1), _attr(node, "kv_num_heads", 1)
-        packed = len(ins) < 2 or ins[1] is None
-        width = x.shape[-1] * heads // (heads + 2 * kv_heads) if packed else x.shape[-1]
-        return [TensorInfo(x.shape[:2] + (width,), x.elem_type)]
-    if op in EMBED_OPS and len(ins) > 2 and ins[2] is not None:
-        gamma = ins[5] if len(ins) > 5 else None
-        dtype = gamma.elem_type if op == "EmbedLayerNormalization" and gamma is not None else TensorProto.FLOAT
-        hidden = TensorInfo(x.shape + (ins[2].shape[-1],), dtype)
-        return [hidden, TensorInfo(x.shape[:1], TensorProto.INT32), hidden]
-    if op == "MatMulNBits":
-        return [TensorInfo(x.shape[:-1] + (_attr(node, "N", 0),), x.elem_type)]
-    if op == "GatherBlockQuantized" and len(ins) > 2 and ins[1] is not None and ins[2] is not None:
-        axis = _attr(node, "gather_axis", 0) % max(len(x.shape), 1)     # int4 table (V, H); output dtype = scales'
-        return [TensorInfo(x.shape[:axis] + ins[1].shape + x.shape[axis + 1:], ins[2].elem_type)]
-    if op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "FusedMatMul", "GemmFastGelu") and len(ins) > 1 \
-            and ins[1] is not None:
-        a, b = x.shape, ins[1].shape
-        if len(a) < 2 or len(b) < 2:
-            return []
-        dtype = x.elem_type
-        if op == "MatMulIntegerToFloat":
-            dtype = ins[2].elem_type if len(ins) > 2 and ins[2] is not None else TensorProto.FLOAT
-        m = a[-1] if _attr(node, "transA", 0) else a[-2]
-        n = b[-2] if _attr(node, "transB", 0) else b[-1]
-        return [TensorInfo(tuple(np.broadcast_shapes(a[:-2], b[:-2])) + (m, n), dtype)]
-    return []
-
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+    return Peaks(
+        rates=(("int8", int8), ("fp16", fp16), ("fp32", fp32)),
+        bandwidth=bandwidth * 1e9,
+        weight_bandwidth=weight_bw * 1e9,
+        eff_compute=profile.efficiency_compute,
+        eff_memory=profile.efficiency_memory,
+        launch_s=profile.launch_us * 1e-6,
+        caveats=tuple(caveats),
+    )
 
 
 # --- per-node cost --------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class GraphView:
     """Who produces and consumes each tensor, which tensors are constant (weights), and their shapes."""
+
     producer: dict[str, onnx.NodeProto]
     consumers: dict[str, tuple[onnx.NodeProto, ...]]
     const: frozenset[str]
@@ -365,7 +171,7 @@ class GraphView:
 def graph_view(model: onnx.ModelProto, shapes: Shapes) -> GraphView:
     producer, consumers = {}, {}
     const = set(shapes.constants)
-    for node in model.graph.node:               # ONNX graphs are stored in topological order
+    for node in model.graph.node:  # ONNX graphs are stored in topological order
         for i in node.input:
             if i:
                 consumers.setdefault(i, []).append(node)
@@ -374,8 +180,13 @@ def graph_view(model: onnx.ModelProto, shapes: Shapes) -> GraphView:
                 producer[o] = node
         if node.op_type == "Constant" or (any(node.input) and all(i in const for i in node.input if i)):
             const.update(o for o in node.output if o)
-    return GraphView(producer=producer, consumers={k: tuple(v) for k, v in consumers.items()}, const=frozenset(const),
-                     outputs=frozenset(o.name for o in model.graph.output), infos=shapes.infos)
+    return GraphView(
+        producer=producer,
+        consumers={k: tuple(v) for k, v in consumers.items()},
+        const=frozenset(const),
+        outputs=frozenset(o.name for o in model.graph.output),
+        infos=shapes.infos,
+    )
 
 
 def _dtype_bytes(elem_type: int) -> float:
@@ -436,7 +247,7 @@ def node_precision(node: onnx.NodeProto, g: GraphView, precision: str = "auto") 
     op = node.op_type
     if op in INT8_OPS:
         return "int8"
-    if op == "MatMulNBits" and _attr(node, "accuracy_level", 0) == 4:
+    if op == "MatMulNBits" and attr(node, "accuracy_level", 0) == 4:
         return "int8"
     data = [i for i in node.input[:2] if i]
     if op != "MatMulNBits" and data and all(_dequantized_from(i, g) is not None for i in data):
@@ -447,36 +258,44 @@ def node_precision(node: onnx.NodeProto, g: GraphView, precision: str = "auto") 
 
 def node_macs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int | None:
     """Multiply-accumulates of one node: 0 for ops without a MAC loop, None when a needed shape is unknown."""
+
     def shape(i: int) -> tuple[int, ...] | None:
         return infos[node.input[i]].shape if i < len(node.input) and node.input[i] in infos else None
 
     op = node.op_type
     out = infos.get(node.output[0]) if node.output else None
-    if op in ("MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "FusedMatMul",
-              "GemmFastGelu"):
+    if op in (
+        "MatMul",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "FusedMatMul",
+        "GemmFastGelu",
+    ):
         a = shape(0)
         if a is None or out is None:
             return None
-        return out.numel * (a[-2] if op == "FusedMatMul" and _attr(node, "transA", 0) and len(a) > 1 else a[-1])
-    if op == "MatMulNBits":                                     # (..., K) x (K, N) with K, N as attributes
-        return out.numel * _attr(node, "K", 0) if out else None
+        return out.numel * (a[-2] if op == "FusedMatMul" and attr(node, "transA", 0) and len(a) > 1 else a[-1])
+    if op == "MatMulNBits":  # (..., K) x (K, N) with K, N as attributes
+        return out.numel * attr(node, "K", 0) if out else None
     if op in ("Gemm", "QGemm"):
         a = shape(0)
-        return out.numel * (a[0] if _attr(node, "transA", 0) else a[1]) if a and out else None
+        return out.numel * (a[0] if attr(node, "transA", 0) else a[1]) if a and out else None
     if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv"):
-        w = shape(3 if op == "QLinearConv" else 1)              # (M, C/group, k...)
+        w = shape(3 if op == "QLinearConv" else 1)  # (M, C/group, k...)
         return out.numel * math.prod(w[1:]) if w and out else None
     if op == "ConvTranspose":
-        x, w = shape(0), shape(1)                               # w: (C, M/group, k...)
+        x, w = shape(0), shape(1)  # w: (C, M/group, k...)
         return math.prod(x) * math.prod(w[1:]) if x and w else None
     if op in ("Attention", "QAttention"):
-        x, w = shape(0), shape(1)                               # x: (B, S, D), w: (D, Hq + Hk + Hv)
+        x, w = shape(0), shape(1)  # x: (B, S, D), w: (D, Hq + Hk + Hv)
         if x is None or w is None or len(x) != 3:
             return None
         b, s, d = x
-        qkv = _attr(node, "qkv_hidden_sizes", None) or [w[-1] // 3] * 3
-        return b * s * d * w[-1] + b * s * s * qkv[0] + b * s * s * qkv[2]   # projections + QK^T + softmax(.)V
-    if op == "GroupQueryAttention":                            # no past: keys = queries in length
+        qkv = attr(node, "qkv_hidden_sizes", None) or [w[-1] // 3] * 3
+        return b * s * d * w[-1] + b * s * s * qkv[0] + b * s * s * qkv[2]  # projections + QK^T + softmax(.)V
+    if op == "GroupQueryAttention":  # no past: keys = queries in length
         return 2 * out.numel * out.shape[1] if out and len(out.shape) == 3 else None
     if op == "MultiHeadAttention":
         q, k, v = shape(0), shape(1), shape(2)
@@ -487,7 +306,7 @@ def node_macs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int | None:
         dv = v[-1] if v and len(v) == 3 else v[1] * v[3] if v and len(v) == 4 else d
         return b * s * kv_len * d + b * s * kv_len * dv
     if op == "Einsum":
-        eq = _attr(node, "equation", b"")
+        eq = attr(node, "equation", b"")
         eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
         terms = eq.split("->")[0].split(",")
         if len(terms) != 2 or "." in eq:
@@ -503,8 +322,9 @@ def node_macs(node: onnx.NodeProto, infos: dict[str, TensorInfo]) -> int | None:
     return 0
 
 
-def node_bytes(node: onnx.NodeProto, g: GraphView, precision: str = "auto",
-               float_bytes: float | None = None) -> tuple[float, float, bool]:
+def node_bytes(
+    node: onnx.NodeProto, g: GraphView, precision: str = "auto", float_bytes: float | None = None
+) -> tuple[float, float, bool]:
     """(activation bytes, weight bytes, all shapes known) one node moves: every input read once, every output
     written once; an embedding lookup reads the rows it gathers, not the whole table."""
     act = weight = 0.0
@@ -518,15 +338,18 @@ def node_bytes(node: onnx.NodeProto, g: GraphView, precision: str = "auto",
             continue
         n = info.numel
         if name in g.const:
-            if (node.op_type == "Gather" and idx == 0) or (node.op_type in EMBED_OPS and idx in (2, 3, 4)) \
-                    or (node.op_type == "GatherBlockQuantized" and idx in (0, 2, 3)):
+            if (
+                (node.op_type == "Gather" and idx == 0)
+                or (node.op_type in EMBED_OPS and idx in (2, 3, 4))
+                or (node.op_type == "GatherBlockQuantized" and idx in (0, 2, 3))
+            ):
                 out = g.infos.get(node.output[0])
                 if out is None:
                     known = False
                     continue
                 n = out.numel
-                if node.op_type == "GatherBlockQuantized" and idx > 0:     # one scale / zero point per block
-                    n = n / _attr(node, "block_size", 128)
+                if node.op_type == "GatherBlockQuantized" and idx > 0:  # one scale / zero point per block
+                    n = n / attr(node, "block_size", 128)
             weight += n * storage_bytes(name, g, precision, float_bytes)
         else:
             act += n * storage_bytes(name, g, precision, float_bytes)
@@ -545,8 +368,9 @@ def is_free(node: onnx.NodeProto, g: GraphView) -> bool:
     return node.op_type in FREE_OPS or all(o in g.const for o in node.output if o)
 
 
-def node_costs(model: onnx.ModelProto, shapes: Shapes, peaks: Peaks,
-               precision: str = "auto", profile_name: str = "this profile") -> tuple[list[NodeCost], list[str]]:
+def node_costs(
+    model: onnx.ModelProto, shapes: Shapes, peaks: Peaks, precision: str = "auto", profile_name: str = "this profile"
+) -> tuple[list[NodeCost], list[str]]:
     """Every working node's roofline time, plus caveats about what the count left out or assumed."""
     g = graph_view(model, shapes)
     rates = dict(peaks.rates)
@@ -586,40 +410,57 @@ def node_costs(model: onnx.ModelProto, shapes: Shapes, peaks: Peaks,
         elif p in ("fp32", "fp16") and not (rates["fp32"] or rates["fp16"]):
             float_ops[node.op_type] = float_ops.get(node.op_type, 0) + 1
         memory_s = (act / peaks.bandwidth + weight / peaks.weight_bandwidth) / peaks.eff_memory
-        costs.append(NodeCost(name=node.name or node.output[0], op_type=node.op_type, precision=used, macs=macs,
-                              act_bytes=act, weight_bytes=weight, compute_s=compute_s, memory_s=memory_s,
-                              launch_s=peaks.launch_s))
+        name = node.name or node.output[0]
+        costs.append(NodeCost(name, node.op_type, used, macs, act, weight, compute_s, memory_s, peaks.launch_s))
     total_macs = sum(c.macs for c in costs) + sum(e[1] for e in missing.values())
     if missing:
         p, (n, macs, example) = next(iter(missing.items()))
-        raise RooflineError(f"{profile_name} has no {p} rate for {n} node(s) ({macs / max(total_macs, 1):.0%} of MACs, "
-                            f"e.g. {example}): quantize them to int8 (static QDQ) or pass precision='int8' to estimate "
-                            "the graph as if it were")
+        raise RooflineError(
+            f"{profile_name} has no {p} rate for {n} node(s) ({macs / max(total_macs, 1):.0%} of MACs, "
+            f"e.g. {example}): quantize them to int8 (static QDQ) or pass precision='int8' to estimate "
+            "the graph as if it were"
+        )
     notes = []
     for (wanted, used), (n, macs) in swapped.items():
-        notes.append(f"{n} {wanted} node(s) ({macs / max(total_macs, 1):.0%} of MACs) costed at the {used} rate: "
-                     f"the profile gives no {wanted} peak")
+        notes.append(
+            f"{n} {wanted} node(s) ({macs / max(total_macs, 1):.0%} of MACs) costed at the {used} rate: "
+            f"the profile gives no {wanted} peak"
+        )
     if float_bytes:
         notes.append("float tensors counted at 2 bytes: the device runs float graphs in fp16")
     if float_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(float_ops.items(), key=lambda kv: -kv[1])[:4])
-        notes.append(f"{sum(float_ops.values())} float op(s) ({ops}) have no float path on this device and would run "
-                     "on the host CPU; counted here as memory-bound device work")
+        notes.append(
+            f"{sum(float_ops.values())} float op(s) ({ops}) have no float path on this device and would run "
+            "on the host CPU; counted here as memory-bound device work"
+        )
     if free:
-        notes.append(f"{free} node(s) cost nothing: {shapes.folded} folded (shape arithmetic and constants, as a "
-                     "compiler does for static shapes), views (Reshape, Squeeze, ...), Q/DQ fused into their neighbours")
+        notes.append(
+            f"{free} node(s) cost nothing: {shapes.folded} folded (shape arithmetic and constants, as a "
+            "compiler does for static shapes), views (Reshape, Squeeze, ...), Q/DQ fused into their neighbours"
+        )
     if attention:
         notes.append("fused attention ops count their inputs and outputs only, not the (S x S) scores")
     if unknown:
-        notes.append(f"{unknown} node(s) without inferred shapes ({', '.join(sorted(unknown_ops)[:5])}) are "
-                     "partly or wholly uncounted: the estimate is low")
+        notes.append(
+            f"{unknown} node(s) without inferred shapes ({', '.join(sorted(unknown_ops)[:5])}) are "
+            "partly or wholly uncounted: the estimate is low"
+        )
     return costs, notes
 
 
 # --- the estimate ----------------------------------------------------------------------------------
 
-def estimate(onnx_path: str | Path | onnx.ModelProto, profile: DeviceProfile | str, batch: int, seq: int,
-             precision: str = "auto", *, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+
+def estimate(
+    onnx_path: str | Path | onnx.ModelProto,
+    profile: DeviceProfile | str,
+    batch: int,
+    seq: int,
+    precision: str = "auto",
+    *,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> dict:
     """Roofline latency of one ONNX graph on one device profile at (batch, seq), labelled analytic.
 
     ``precision``: "auto" reads it from the graph (MatMulInteger / QAttention / DynamicQuantizeMatMul and QDQ
@@ -632,24 +473,38 @@ def estimate(onnx_path: str | Path | onnx.ModelProto, profile: DeviceProfile | s
     prof = profile if isinstance(profile, DeviceProfile) else load_profile(profile)
     peaks = device_peaks(prof)
     model = load_skeleton(onnx_path)
-    shapes = infer_shapes(model, concrete_inputs(model, batch, seq, input_shapes))
+    try:
+        shapes = infer_shapes(model, concrete_inputs(model, batch, seq, input_shapes))
+    except ShapeError as e:
+        raise RooflineError(str(e)) from None
     costs, notes = node_costs(model, shapes, peaks, precision, prof.name)
     total_s = sum(c.seconds for c in costs)
-    caveats = [f"analytic roofline, not a measurement: {prof.efficiency_compute:.0%} of peak compute and "
-               f"{prof.efficiency_memory:.0%} of peak bandwidth assumed for every node", *peaks.caveats]
+    caveats = [
+        f"analytic roofline, not a measurement: {prof.efficiency_compute:.0%} of peak compute and "
+        f"{prof.efficiency_memory:.0%} of peak bandwidth assumed for every node",
+        *peaks.caveats,
+    ]
     if prof.uncertain:
-        caveats.append(f"uncertain profile figure(s): {', '.join(prof.uncertain)} (see the profile's sources and notes)")
+        caveats.append(
+            f"uncertain profile figure(s): {', '.join(prof.uncertain)} (see the profile's sources and notes)"
+        )
     if prof.launch_us:
-        caveats.append(f"{prof.launch_us:g} us launch overhead charged per node ({len(costs)}); a compiler that fuses "
-                       "ops pays less")
+        caveats.append(
+            f"{prof.launch_us:g} us launch overhead charged per node ({len(costs)}); a compiler that fuses "
+            "ops pays less"
+        )
     if precision != "auto":
         caveats.append(f"precision forced to {precision}: every float or quantized tensor counted at that width")
-    caveats.append("every node reads its inputs from memory and writes its outputs back (no fusion, no cache reuse): "
-                   "memory time is pessimistic where activations are small")
+    caveats.append(
+        "every node reads its inputs from memory and writes its outputs back (no fusion, no cache reuse): "
+        "memory time is pessimistic where activations are small"
+    )
     if prof.kind == "npu":
         caveats.append("op coverage is not checked: ops the NPU lacks fall back to the CPU or fail to compile")
     if prof.sparsity_patterns:
-        caveats.append(f"dense compute assumed: {', '.join(prof.sparsity_patterns)} sparsity speed-ups are not credited")
+        caveats.append(
+            f"dense compute assumed: {', '.join(prof.sparsity_patterns)} sparsity speed-ups are not credited"
+        )
     top = sorted(costs, key=lambda c: c.seconds, reverse=True)[:5]
     return {
         "p50_ms": total_s * 1e3,
@@ -664,8 +519,21 @@ def estimate(onnx_path: str | Path | onnx.ModelProto, profile: DeviceProfile | s
         "bytes": sum(c.act_bytes + c.weight_bytes for c in costs),
         "weight_bytes": sum(c.weight_bytes for c in costs),
         "nodes": len(costs),
-        "bound": {"compute": sum(c.bound == "compute" for c in costs), "memory": sum(c.bound == "memory" for c in costs)},
-        "top_nodes": [{"name": c.name, "op_type": c.op_type, "precision": c.precision, "ms": c.seconds * 1e3,
-                       "macs": c.macs, "bytes": c.act_bytes + c.weight_bytes, "bound": c.bound} for c in top],
+        "bound": {
+            "compute": sum(c.bound == "compute" for c in costs),
+            "memory": sum(c.bound == "memory" for c in costs),
+        },
+        "top_nodes": [
+            {
+                "name": c.name,
+                "op_type": c.op_type,
+                "precision": c.precision,
+                "ms": c.seconds * 1e3,
+                "macs": c.macs,
+                "bytes": c.act_bytes + c.weight_bytes,
+                "bound": c.bound,
+            }
+            for c in top
+        ],
         "caveats": caveats + notes,
     }

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded models built from configs (no downloads), the packaged MiniLM, STS-B data."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,15 @@ def _minilm_dir() -> Path:
 def _tiny_config(**kw):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=128, **kw)
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +67,17 @@ def stsb_small(tmp_path_factory) -> Path:
     if dev.is_file():
         path.write_text("".join(dev.read_text(encoding="utf-8").splitlines(keepends=True)[:200]), encoding="utf-8")
     else:
-        rows = [("A man is playing a guitar.", "A man plays the guitar.", 4.8), ("A dog runs.", "A cat sleeps.", 0.5),
-                ("The sun is bright.", "It is a sunny day.", 3.5), ("Kids play football.", "Children play soccer.", 4.4),
-                ("He cooks pasta.", "The stock market fell.", 0.0), ("A woman sings.", "A lady is singing.", 4.9)]
-        path.write_text("".join(f"g\tf\t2012\t{i:04d}\t{s}\t{a}\t{b}\n" for i, (a, b, s) in enumerate(rows)), encoding="utf-8")
+        rows = [
+            ("A man is playing a guitar.", "A man plays the guitar.", 4.8),
+            ("A dog runs.", "A cat sleeps.", 0.5),
+            ("The sun is bright.", "It is a sunny day.", 3.5),
+            ("Kids play football.", "Children play soccer.", 4.4),
+            ("He cooks pasta.", "The stock market fell.", 0.0),
+            ("A woman sings.", "A lady is singing.", 4.9),
+        ]
+        path.write_text(
+            "".join(f"g\tf\t2012\t{i:04d}\t{s}\t{a}\t{b}\n" for i, (a, b, s) in enumerate(rows)), encoding="utf-8"
+        )
     return path
 
 

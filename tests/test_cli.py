@@ -1,4 +1,5 @@
 """The command line on bad input: one line, non-zero exit, nothing written; and the listing commands."""
+
 import json
 
 import pytest
@@ -15,20 +16,23 @@ def _run(args):
 
 def _one_line_error(res, *needles):
     assert res.exit_code == 2, res.output
-    lines = [l for l in res.output.splitlines() if l.startswith("error:")]
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, res.output
     for n in needles:
         assert n in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["run", "./no-such-model"], ["not found", "minilm"]),
-    (["run", "minilm", "--recipe", "nope"], ["unknown recipe", "cpu-default"]),
-    (["run", "minilm", "--target", "tpu"], ["unknown target", "cpu"]),
-    (["run", "minilm", "--eval", "bleu"], ["unknown eval"]),
-    (["run", "minilm", "--eval", "stsb:/no/such.csv"], ["not found"]),
-    (["run", "minilm", "--data", "/no/such.txt"], ["not found", "--data"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["run", "./no-such-model"], ["not found", "minilm"]),
+        (["run", "minilm", "--recipe", "nope"], ["unknown recipe", "cpu-default"]),
+        (["run", "minilm", "--target", "tpu"], ["unknown target", "cpu"]),
+        (["run", "minilm", "--eval", "bleu"], ["unknown eval"]),
+        (["run", "minilm", "--eval", "stsb:/no/such.csv"], ["not found"]),
+        (["run", "minilm", "--data", "/no/such.txt"], ["not found", "--data"]),
+    ],
+)
 def test_bad_input_one_line_nothing_written(tmp_path, args, needles):
     out = tmp_path / "out"
     res = _run(args + ["--out", str(out)] + FAST)
@@ -82,12 +86,24 @@ def test_profile_bad_artifact(tmp_path):
 
 
 def test_profile_an_exported_tiny_model(tiny_dirs, tmp_path):
-    from compress.models import load_model
+    from compress.core.models import load_model
     from export.onnx_export import export_onnx
 
     export_onnx(load_model(str(tiny_dirs["st"])), tmp_path / "art")
-    res = _run(["profile", str(tmp_path / "art"), "--baseline", str(tmp_path / "art" / "model.onnx"),
-                "--runs", "5", "--shapes", "1x16,2x32", "--json", str(tmp_path / "p.json")])
+    res = _run(
+        [
+            "profile",
+            str(tmp_path / "art"),
+            "--baseline",
+            str(tmp_path / "art" / "model.onnx"),
+            "--runs",
+            "5",
+            "--shapes",
+            "1x16,2x32",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert "measured" in res.output and "top ops" in res.output
     data = json.loads((tmp_path / "p.json").read_text())
@@ -116,12 +132,23 @@ def test_gpu_target_without_cuda_is_one_clear_line(tmp_path):
 
 
 def test_profile_estimate_is_labelled_analytic(tiny_dirs, tmp_path):
-    from compress.models import load_model
+    from compress.core.models import load_model
     from export.onnx_export import export_onnx
 
     export_onnx(load_model(str(tiny_dirs["st"])), tmp_path / "art")
-    res = _run(["profile", str(tmp_path / "art"), "--target", "npu-qnn-htp", "--estimate", "--shapes", "1x16,4x16",
-                "--json", str(tmp_path / "e.json")])
+    res = _run(
+        [
+            "profile",
+            str(tmp_path / "art"),
+            "--target",
+            "npu-qnn-htp",
+            "--estimate",
+            "--shapes",
+            "1x16,4x16",
+            "--json",
+            str(tmp_path / "e.json"),
+        ]
+    )
     assert res.exit_code == 0, res.output
     assert res.output.count("[analytic") == 2 and "caveats" in res.output
     rows = json.loads((tmp_path / "e.json").read_text())["estimates"]
@@ -133,8 +160,21 @@ def test_classifier_run_with_accuracy_eval(tiny_dirs, tmp_path):
     data = tmp_path / "labels.tsv"
     data.write_text("text\tlabel\n" + "".join(f"sentence number {i} is here\t{i % 3}\n" for i in range(30)))
     out = tmp_path / "run"
-    res = _run(["run", str(tiny_dirs["classifier"]), "--recipe", "dynamic-int8", "--out", str(out),
-                "--eval", f"accuracy:{data}", "--eval", "fidelity"] + FAST)
+    res = _run(
+        [
+            "run",
+            str(tiny_dirs["classifier"]),
+            "--recipe",
+            "dynamic-int8",
+            "--out",
+            str(out),
+            "--eval",
+            f"accuracy:{data}",
+            "--eval",
+            "fidelity",
+        ]
+        + FAST
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["task"] == "text-classification"

@@ -1,7 +1,7 @@
 import pytest
 
-from compress.data import calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
-from compress.errors import CompressError
+from compress.core.data import calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
+from compress.core.errors import CompressError
 
 
 def test_shipped_sentences_split_without_overlap():
@@ -13,18 +13,23 @@ def test_shipped_sentences_split_without_overlap():
 
 def test_stsb_reader_keeps_bare_quotes_and_extra_columns(tmp_path):
     p = tmp_path / "s.csv"
-    p.write_text('g\tf\t2012\t1\t4.5\tHe said "hi.\tShe said hi.\textra\n'
-                 'g\tf\t2012\t2\t1.0\tA cat.\tA "dog".\n'
-                 'g\tf\t2012\t3\t0.0\tRain.\tSun.\n')
+    p.write_text(
+        'g\tf\t2012\t1\t4.5\tHe said "hi.\tShe said hi.\textra\n'
+        'g\tf\t2012\t2\t1.0\tA cat.\tA "dog".\n'
+        "g\tf\t2012\t3\t0.0\tRain.\tSun.\n"
+    )
     pairs = read_stsb(p)
     assert pairs.scores == [4.5, 1.0, 0.0]
     assert pairs.first[0] == 'He said "hi.' and pairs.second[1] == 'A "dog".'
 
 
-@pytest.mark.parametrize("content, pattern", [
-    ("a\tb\tc\n", "7\\+ tab-separated"),
-    ("g\tf\t2012\t1\tfive\ta\tb\n" * 3, "not a number"),
-])
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        ("a\tb\tc\n", "7\\+ tab-separated"),
+        ("g\tf\t2012\t1\tfive\ta\tb\n" * 3, "not a number"),
+    ],
+)
 def test_stsb_reader_refuses_malformed_files(tmp_path, content, pattern):
     p = tmp_path / "s.csv"
     p.write_text(content)

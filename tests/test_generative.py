@@ -1,4 +1,5 @@
 """Generative models: optimum export with past, greedy-token parity, TTFT/tokens-per-second profiler, CLI."""
+
 import json
 
 import numpy as np
@@ -8,7 +9,9 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from compress.cli import main
-from export.generative import artifact_kind, check_generation, compare_tokens, export_generative, greedy, load_ort
+from compress.core.errors import CompressError
+from compress.core.kinds import artifact_kind
+from export.generative import check_generation, compare_tokens, export_generative, greedy, load_ort
 from runtimes.generative import GenPoint, GenProfileConfig, OrtGenerator, measure_generation
 
 PROMPTS = ["The coffee machine in the office", "She forgot her umbrella and", "Fresh bread from the corner"]
@@ -45,7 +48,7 @@ def test_float_export_generates_torchs_tokens(gen_models, name):
     assert "decoder_model_merged.onnx" not in files
     parity, got = check_generation(model, tok, onnx_dir, kind, PROMPTS, new_tokens=12)
     assert parity.passed and parity.identical == len(PROMPTS) and parity.token_agreement == 1.0
-    assert len(set(got.ravel().tolist())) > 3            # not one repeated token: the check can tell models apart
+    assert len(set(got.ravel().tolist())) > 3  # not one repeated token: the check can tell models apart
     # the hand-driven decode loop the profiler times produces the same tokens as torch
     gen = OrtGenerator(onnx_dir, threads=1)
     ids = tok(PROMPTS[:1], return_tensors="np")["input_ids"]
@@ -61,10 +64,11 @@ def test_parity_fails_on_a_corrupted_export(gen_models, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(onnx_dir, bad)
     m = onnx.load(str(bad / "model.onnx"))
-    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))    # the token embedding / LM head
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the token embedding / LM head
     w = numpy_helper.to_array(init)
-    init.CopyFrom(numpy_helper.from_array(w + np.random.default_rng(0).normal(0, w.std(), w.shape).astype(w.dtype),
-                                          init.name))
+    init.CopyFrom(
+        numpy_helper.from_array(w + np.random.default_rng(0).normal(0, w.std(), w.shape).astype(w.dtype), init.name)
+    )
     onnx.save(m, str(bad / "model.onnx"))
     parity, _ = check_generation(model, tok, bad, kind, PROMPTS, new_tokens=12)
     assert not parity.passed and parity.identical < len(PROMPTS)
@@ -74,10 +78,10 @@ def test_compare_tokens_allows_only_torch_ties():
     ref = np.array([[1, 2, 3], [4, 5, 6]])
     cand = np.array([[1, 2, 3], [4, 9, 6]])
     scores = np.zeros((2, 3, 10))
-    scores[1, 1, 5], scores[1, 1, 9] = 1.0, 0.2                       # torch clearly preferred 5
+    scores[1, 1, 5], scores[1, 1, 9] = 1.0, 0.2  # torch clearly preferred 5
     p = compare_tokens(ref, cand, scores)
     assert not p.passed and p.first_divergence == [None, 1] and p.ties == 0
-    scores[1, 1, 9] = 1.0 - 1e-6                                       # a tie: float rounding may pick either
+    scores[1, 1, 9] = 1.0 - 1e-6  # a tie: float rounding may pick either
     assert compare_tokens(ref, cand, scores).passed
     assert compare_tokens(ref, cand, None, gated=False).passed
 
@@ -89,8 +93,12 @@ def test_measure_generation_interleaved_and_labelled(gen_models):
         assert [(r.batch, r.input_len) for r in rows] == [(1, 8), (2, 16)]
         for r in rows:
             assert r.source == "measured" and "onnxruntime" in r.tool and r.device and r.caveats
-            assert r.ttft_p50_ms > 0 and r.tokens_per_s > 0 and r.tokens_per_s_batch == pytest.approx(r.batch * r.tokens_per_s, rel=1e-3)
-    with pytest.raises(ValueError):
+            assert (
+                r.ttft_p50_ms > 0
+                and r.tokens_per_s > 0
+                and r.tokens_per_s_batch == pytest.approx(r.batch * r.tokens_per_s, rel=1e-3)
+            )
+    with pytest.raises(CompressError):
         GenProfileConfig(new_tokens=1)
 
 
@@ -99,7 +107,7 @@ def _invoke(args):
 
 
 def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
-    from compress.stages.quant import _quantized_counts
+    from compress.core.onnx_ops import quantized_counts
 
     src = gen_models["gpt2-tiny"][0]
     out = tmp_path / "g8"
@@ -118,7 +126,7 @@ def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
     inits = {t.name for t in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
-    assert _quantized_counts(out / "model.onnx").get("MatMulInteger", 0) > 0
+    assert quantized_counts(out / "model.onnx").get("MatMulInteger", 0) > 0
     assert report["artifact"]["model.onnx"] < report["baseline_artifact"]["model.onnx"]
     # what an app does: load the folder with optimum and generate
     tok = gen_models["gpt2-tiny"][4]
@@ -128,7 +136,7 @@ def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
 
 
 def test_run_int8_seq2seq_quantizes_every_file_and_profile_prints_labels(gen_models, tmp_path):
-    from compress.stages.quant import _quantized_counts
+    from compress.core.onnx_ops import quantized_counts
 
     out = tmp_path / "t8"
     res = _invoke(["run", str(gen_models["t5-tiny"][0]), "--recipe", "dynamic-int8", "--out", str(out)] + FAST)
@@ -137,9 +145,10 @@ def test_run_int8_seq2seq_quantizes_every_file_and_profile_prints_labels(gen_mod
     files = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
     assert sorted(s["file"] for s in report["stages"]) == sorted(files)
     for f in files:
-        assert _quantized_counts(out / f).get("MatMulInteger", 0) > 0, f
-    res = _invoke(["profile", str(out), "--baseline", str(gen_models["t5-tiny"][1]), "--json", str(tmp_path / "p.json")]
-                  + FAST)
+        assert quantized_counts(out / f).get("MatMulInteger", 0) > 0, f
+    res = _invoke(
+        ["profile", str(out), "--baseline", str(gen_models["t5-tiny"][1]), "--json", str(tmp_path / "p.json")] + FAST
+    )
     assert res.exit_code == 0, res.output
     for word in ("TTFT p50 ms", "tok/s", "measured (onnxruntime", "peak RSS artifact", "peak RSS baseline"):
         assert word in res.output, word
@@ -153,12 +162,15 @@ def test_profile_gpt2_folder(gen_models):
     assert "TTFT p50 ms" in res.output and "tok/s" in res.output and "prefill" in res.output
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--recipe", "static-int8"], "quant.static is not built for generative"),
-    (["--recipe", "int4"], "quant.int4 is not built for generative"),
-    (["--eval", "stsb:x.csv"], "does not apply to a generative model"),
-    (["--shapes", "1x300"], "exceeds the model's 256 positions"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--recipe", "static-int8"], "quant.static is not built for causal-lm models"),
+        (["--recipe", "int4"], "quant.int4 is not built for causal-lm models"),
+        (["--eval", "stsb:x.csv"], "does not apply to a generative model"),
+        (["--shapes", "1x300"], "exceeds the model's 256 positions"),
+    ],
+)
 def test_generative_refusals_one_line_nothing_written(gen_models, tmp_path, args, needle):
     out = tmp_path / "out"
     res = _invoke(["run", str(gen_models["gpt2-tiny"][0]), "--out", str(out)] + FAST + args)

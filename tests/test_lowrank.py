@@ -1,4 +1,5 @@
 """int4 RTN, one-shot N:M, and EoRA / SVD compensation: the math, the export, and the CLI on a tiny model."""
+
 import copy
 import json
 from collections import Counter
@@ -10,14 +11,14 @@ import torch
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.data import calibration_and_heldout, shipped_sentences
-from compress.errors import CompressError
-from compress.models import load_model, torch_outputs
-from compress.pipeline import apply_torch_stages, pack_int4_layers
+from compress.core.data import calibration_and_heldout, shipped_sentences
+from compress.core.errors import CompressError
+from compress.core.models import load_model, torch_outputs
 from compress.recipe import parse_recipe
 from compress.stages.int4 import ort_int4_roundtrip
 from compress.stages.lowrank import LowRank, factors
 from compress.stages.nm import nm_mask, satisfies_nm
+from compress.steps import apply_torch_stages, pack_int4_layers
 from export.onnx_export import export_onnx
 from export.verify import compare
 from runtimes.encode import ort_outputs
@@ -26,7 +27,7 @@ from runtimes.ort import cpu_session
 
 def _problem(seed=0, d_out=48, d_in=64, n=500, decay=0.9):
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d_in)) * decay ** np.arange(d_in)      # anisotropic activations
+    x = rng.standard_normal((n, d_in)) * decay ** np.arange(d_in)  # anisotropic activations
     dw = rng.standard_normal((d_out, d_in)) * 0.01
     return dw, x, x.T @ x / n
 
@@ -56,7 +57,7 @@ def test_eora_is_the_exact_minimiser():
 
 def test_degenerate_covariance_is_clamped_not_crashed():
     dw, x, _ = _problem()
-    x[:, 10:] = 0                                                     # rank-deficient activations
+    x[:, 10:] = 0  # rank-deficient activations
     a, b, info = factors(dw, x.T @ x / len(x), LowRank(rank=8))
     assert info["clamped_eigenvalues"] >= 54 and np.isfinite(a).all() and np.isfinite(b).all()
 
@@ -73,8 +74,8 @@ def test_int4_roundtrip_is_on_ort_grid():
     for sym in (False, True):
         q = ort_int4_roundtrip(w, 32, sym)
         assert 0.02 < np.linalg.norm(w - q) / np.linalg.norm(w) < 0.2
-        assert np.abs(ort_int4_roundtrip(q, 32, sym) - q).max() < 1e-6          # re-quantization is lossless
-        assert len(np.unique(q[:32, 0])) <= 16                                    # 16 levels per block
+        assert np.abs(ort_int4_roundtrip(q, 32, sym) - q).max() < 1e-6  # re-quantization is lossless
+        assert len(np.unique(q[:32, 0])) <= 16  # 16 levels per block
 
 
 def test_nm_mask_pattern():
@@ -86,13 +87,16 @@ def test_nm_mask_pattern():
     assert (kept.max(-1).values >= dropped.max(-1).values).all()
 
 
-@pytest.mark.parametrize("stage, pattern", [
-    ({"type": "prune.nm", "n": 4, "m": 2}, "1 <= n < m"),
-    ({"type": "prune.nm", "n": 2, "m": 4, "method": "magnitude"}, "not available"),
-    ({"type": "lowrank.eora", "rank": 0}, "rank=0"),
-    ({"type": "lowrank.eora", "explained": 1.0}, "explained"),
-    ({"type": "quant.int4", "block_size": 24}, "block_size"),
-])
+@pytest.mark.parametrize(
+    "stage, pattern",
+    [
+        ({"type": "prune.nm", "n": 4, "m": 2}, "1 <= n < m"),
+        ({"type": "prune.nm", "n": 2, "m": 4, "method": "magnitude"}, "not available"),
+        ({"type": "lowrank.eora", "rank": 0}, "rank=0"),
+        ({"type": "lowrank.eora", "explained": 1.0}, "explained"),
+        ({"type": "quant.int4", "block_size": 24}, "block_size"),
+    ],
+)
 def test_impossible_values_are_refused(stage, pattern):
     with pytest.raises(CompressError, match=pattern):
         parse_recipe({"stages": [stage]}, "x", "x.toml")
@@ -104,25 +108,40 @@ def tiny(tiny_dirs):
 
 
 def test_lowrank_needs_a_compressing_stage_first(tiny):
-    recipe = parse_recipe({"stages": [{"type": "lowrank.eora"}]}, "x", "x.toml")
+    with pytest.raises(CompressError, match="earlier compressing stage"):  # refused when the recipe is read
+        parse_recipe({"stages": [{"type": "lowrank.eora"}]}, "x", "x.toml")
+    with pytest.raises(CompressError, match="earlier compressing stage"):
+        parse_recipe({"stages": [{"type": "lowrank.svd"}, {"type": "quant.int4"}]}, "x", "x.toml")
+    recipe = parse_recipe({"stages": [{"type": "prune.gradual"}, {"type": "lowrank.eora"}]}, "x", "x.toml")
+    stages = [recipe.stages[1]]  # applied alone, the stage still says what is missing
     with pytest.raises(CompressError, match="after a compressing stage"):
-        apply_torch_stages(list(recipe.stages), copy.deepcopy(tiny), shipped_sentences()[:8])
+        apply_torch_stages(stages, copy.deepcopy(tiny), shipped_sentences()[:8])
 
 
 @pytest.mark.parametrize("method", ["eora", "svd"])
 def test_int4_plus_lowrank_exports_matmulnbits_and_thin_float_matmuls(tiny, tmp_path, method):
     cal, held = calibration_and_heldout(shipped_sentences())
-    recipe = parse_recipe({"stages": [{"type": "quant.int4", "block_size": 32},
-                                      {"type": f"lowrank.{method}", "rank": 4, "calibration_samples": 16}]}, "x", "x.toml")
+    recipe = parse_recipe(
+        {
+            "stages": [
+                {"type": "quant.int4", "block_size": 32},
+                {"type": f"lowrank.{method}", "rank": 4, "calibration_samples": 16},
+            ]
+        },
+        "x",
+        "x.toml",
+    )
     lm, reports = apply_torch_stages(list(recipe.stages), copy.deepcopy(tiny), cal)
     lr = reports[1]["metrics"]
     assert lr["layers"] == 12 and lr["mean_error_after"] < lr["mean_error_before"]
     assert all(r["rank"] == 4 and r["added_params"] > 0 for r in lr["per_layer"])
     path = export_onnx(lm, tmp_path / "art")
-    assert compare(torch_outputs(lm, held[:20]), ort_outputs(cpu_session(path, 1), lm.tokenizer, held[:20], lm.task), 0.999).passed
+    assert compare(
+        torch_outputs(lm, held[:20]), ort_outputs(cpu_session(path, 1), lm.tokenizer, held[:20], lm.task), 0.999
+    ).passed
     packed, report = pack_int4_layers(lm, path, tmp_path)
     ops = Counter(n.op_type for n in onnx.load(str(packed)).graph.node)
-    assert ops["MatMulNBits"] == 12 and ops["MatMul"] >= 24            # 2 low-rank MatMuls per layer stay float
+    assert ops["MatMulNBits"] == 12 and ops["MatMul"] >= 24  # 2 low-rank MatMuls per layer stay float
     assert report["metrics"]["packed_matmuls"] == 12
     got = ort_outputs(cpu_session(packed, 1), lm.tokenizer, held[:20], lm.task)
     assert compare(torch_outputs(lm, held[:20]), got, 0.99).passed
@@ -130,8 +149,11 @@ def test_int4_plus_lowrank_exports_matmulnbits_and_thin_float_matmuls(tiny, tmp_
 
 def test_cli_int4_eora_on_tiny_model(tiny_dirs, tmp_path):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", "int4-eora", "--out", str(out),
-                                    "--runs", "3", "--shapes", "1x16"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        ["run", str(tiny_dirs["st"]), "--recipe", "int4-eora", "--out", str(out), "--runs", "3", "--shapes", "1x16"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in rep["stages"]] == ["quant.int4", "lowrank.eora", "export.int4_pack"]
@@ -142,11 +164,16 @@ def test_cli_int4_eora_on_tiny_model(tiny_dirs, tmp_path):
 def test_int4_eora_then_int8_lowrank_factors(tiny_dirs, tmp_path):
     """quant.int4 -> lowrank.eora -> quant.dynamic: int4 weights packed, the thin A/B MatMuls in int8."""
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[stages]]\ntype = "quant.int4"\n[[stages]]\ntype = "lowrank.eora"\nrank = 4\n'
-                      'calibration_samples = 16\n[[stages]]\ntype = "quant.dynamic"\nop_types = ["MatMul"]\n')
+    recipe.write_text(
+        '[[stages]]\ntype = "quant.int4"\n[[stages]]\ntype = "lowrank.eora"\nrank = 4\n'
+        'calibration_samples = 16\n[[stages]]\ntype = "quant.dynamic"\nop_types = ["MatMul"]\n'
+    )
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out),
-                                    "--runs", "3", "--shapes", "1x16"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out), "--runs", "3", "--shapes", "1x16"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
     assert ops["MatMulNBits"] == 12 and ops["MatMulInteger"] >= 24

@@ -1,4 +1,5 @@
 """quant.mixed: the deployed grids, the Hutchinson trace, the bisection, the budget flags, and a real run."""
+
 import copy
 import json
 import math
@@ -11,13 +12,11 @@ import torch
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.data import shipped_sentences
-from compress.errors import CompressError
-from compress.models import linear_layers, load_model
-from compress.pipeline import parse_drop, with_budget
-from compress.recipe import load_recipe, parse_recipe
-from compress.stages.mixed import (_batches, _outputs, bisect, hessian_traces, int8_weight,
-                                   weight_bytes)
+from compress.core.data import shipped_sentences
+from compress.core.errors import CompressError
+from compress.core.models import linear_layers, load_model
+from compress.recipe import apply_overrides, load_recipe, parse_recipe
+from compress.stages.mixed import _batches, _outputs, bisect, hessian_traces, int8_weight, parse_drop, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_bisection_finds_the_largest_feasible_k_in_log_probes():
 
             def probe(k):
                 calls.append(k)
-                drop = 0.1 * k                      # monotone in k
+                drop = 0.1 * k  # monotone in k
                 return {"drop": drop, "feasible": drop <= 0.1 * limit + 1e-9}
 
             assert bisect(n, probe, (0.0, 0.1 * limit + 1e-9)) == limit
@@ -65,7 +64,7 @@ def test_bisection_stops_inside_the_tolerance_band():
         return {"drop": 0.01 * k, "feasible": 0.01 * k <= 0.5}
 
     k = bisect(72, probe, (0.3, 0.5))
-    assert 0.3 <= 0.01 * k <= 0.5 and len(calls) == 2          # 72 (too much), then 36: inside the band
+    assert 0.3 <= 0.01 * k <= 0.5 and len(calls) == 2  # 72 (too much), then 36: inside the band
 
 
 def test_hutchinson_trace_matches_the_exact_trace(tiny):
@@ -91,9 +90,16 @@ def test_hutchinson_trace_matches_the_exact_trace(tiny):
     with sdpa_kernel(SDPBackend.MATH):
         g = torch.autograd.grad(distil_loss(_outputs(lm, batches[0]), refs[0], lm.task), w, create_graph=True)[0]
         flat = g.reshape(-1)
-        exact = sum(float(torch.autograd.grad(flat[i], w, retain_graph=True)[0].reshape(-1)[i]) for i in range(flat.numel()))
+        exact = sum(
+            float(torch.autograd.grad(flat[i], w, retain_graph=True)[0].reshape(-1)[i]) for i in range(flat.numel())
+        )
     assert exact > 0
     assert abs(est["trace"] - exact) <= max(4 * est["stderr"], 0.05 * exact), (est, exact)
+
+
+def with_budget(recipe, max_drop, min_drop):
+    overrides = {k: v for k, v in (("max_drop", max_drop), ("min_drop", min_drop)) if v is not None}
+    return apply_overrides(recipe, overrides, {k: "--" + k.replace("_", "-") for k in overrides})
 
 
 def test_budget_flags():
@@ -112,10 +118,15 @@ def test_budget_flags():
         with_budget(load_recipe("cpu-default"), "0.3", None)
 
 
-@pytest.mark.parametrize("stage, match", [({"candidates": ["int2"]}, "candidates"),
-                                          ({"ordering": "random"}, "ordering"),
-                                          ({"candidates": ["int8-dynamic", "int8-qdq"]}, "one int8"),
-                                          ({"max_drop": -1}, "min_drop <= max_drop")])
+@pytest.mark.parametrize(
+    "stage, match",
+    [
+        ({"candidates": ["int2"]}, "candidates"),
+        ({"ordering": "random"}, "ordering"),
+        ({"candidates": ["int8-dynamic", "int8-qdq"]}, "one int8"),
+        ({"max_drop": -1}, "min_drop <= max_drop"),
+    ],
+)
 def test_bad_parameters_are_refused(stage, match):
     with pytest.raises(CompressError, match=match):
         parse_recipe({"stages": [{"type": "quant.mixed", **stage}]}, "x", "x.toml")
@@ -129,8 +140,23 @@ def test_cli_refuses_max_drop_without_mixed(tiny_dirs, tmp_path):
 
 def _run_mixed(tiny_dirs, tmp_path, *extra):
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", "mixed", "--out", str(out), "--runs", "3",
-                                    "--shapes", "1x16", *extra], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        [
+            "run",
+            str(tiny_dirs["st"]),
+            "--recipe",
+            "mixed",
+            "--out",
+            str(out),
+            "--runs",
+            "3",
+            "--shapes",
+            "1x16",
+            *extra,
+        ],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     return out, rep, next(s for s in rep["stages"] if s["name"] == "quant.mixed")["metrics"]
@@ -157,7 +183,7 @@ def test_mixed_search_mixes_precisions(tiny_dirs, tmp_path):
     lm = load_model(str(tiny_dirs["st"]))
     assert len(linear_layers(lm, ("*encoder*",))) == 12
     _, _, full = _run_mixed(tiny_dirs, tmp_path / "a", "--max-drop", "100")
-    all_int8 = next(r for r in full["trajectory"] if r["k"] == 26)   # sanity: the 'everything' probe
+    all_int8 = next(r for r in full["trajectory"] if r["k"] == 26)  # sanity: the 'everything' probe
     budget = max(all_int8["drop"] / 2, 1e-4)
     out, _, m = _run_mixed(tiny_dirs, tmp_path / "b", "--max-drop", f"{budget:.6f}")
     assert m["chosen_drop"] is None or m["chosen_drop"] <= budget
@@ -170,11 +196,14 @@ def test_latency_aware_times_the_feasible_probes_and_the_all_int8_boundary(tiny_
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[stages]]\ntype = "quant.mixed"\nlatency_aware = true\nlatency_runs = 3\nmax_drop = 100\n')
     out = tmp_path / "run"
-    res = CliRunner().invoke(main, ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out), "--runs", "3",
-                                    "--shapes", "1x16"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        main,
+        ["run", str(tiny_dirs["st"]), "--recipe", str(recipe), "--out", str(out), "--runs", "3", "--shapes", "1x16"],
+        catch_exceptions=False,
+    )
     assert res.exit_code == 0, res.output
     m = json.loads((out / "report.json").read_text())["stages"][0]["metrics"]
     timed = {t["k"]: t["p50_ms"] for t in m["latency_timed"]}
-    assert set(timed) == {13, 26} and all(v > 0 for v in timed.values())     # all int8 (boundary) and all int4
+    assert set(timed) == {13, 26} and all(v > 0 for v in timed.values())  # all int8 (boundary) and all int4
     assert m["moves_applied"] == min(timed, key=lambda k: (timed[k], -k))
     assert m["evaluations"] == 3

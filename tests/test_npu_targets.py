@@ -1,5 +1,6 @@
 """NPU back-ends: parsing QNN/Vela outputs from fixtures, labels, the one-line error without the extra, and the
 real back-ends on a tiny model where their extra is installed (they skip in the base install)."""
+
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.errors import CompressError
+from compress.core.errors import CompressError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -19,11 +20,12 @@ def _run(args):
 
 # --- QNN: ORT's partitioning log, fixes, the mask-fill rewrite ---------------------------------------------
 
+
 def test_qnn_partition_log_names_the_fallback_node_and_why():
     from runtimes.qnn import EP_NAME, blockers, parse_partition_log
 
     p = parse_partition_log((FIXTURES / "qnn_partition_fallback.log").read_text())
-    assert p.cpu_nodes == [("Acosh", "odd0")]                   # the PASSED Relu nodes are not blockers
+    assert p.cpu_nodes == [("Acosh", "odd0")]  # the PASSED Relu nodes are not blockers
     assert p.partitions == {EP_NAME: 2, "CPUExecutionProvider": 1}
     assert "not supported by QNN EP" in p.reasons["odd0"] and "relu0" not in p.reasons
     assert p.npu_nodes == {"relu0": "Relu", "relu1": "Relu"}
@@ -45,20 +47,25 @@ def test_qnn_backend_rejection_is_named_with_its_fix():
 def test_qnn_log_with_everything_on_the_npu_has_no_blockers():
     from runtimes.qnn import EP_NAME, blockers, parse_partition_log
 
-    log = ("2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements\n"
-           "2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  "
-           f"All nodes placed on [{EP_NAME}]. Number of nodes: 1\n"
-           "2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:196 CreateGraphInfo] SaveMLValueNameIndexMapping\n")
+    log = (
+        "2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:1598 VerifyEachNodeIsAssignedToAnEp] Node placements\n"
+        "2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:1601 VerifyEachNodeIsAssignedToAnEp]  "
+        f"All nodes placed on [{EP_NAME}]. Number of nodes: 1\n"
+        "2026-11-25 06:18:09.369 [V:onnxruntime:, session_state.cc:196 CreateGraphInfo] SaveMLValueNameIndexMapping\n"
+    )
     p = parse_partition_log(log)
     assert p.partitions == {EP_NAME: 1} and p.cpu_nodes == [] and blockers(p) == []
 
 
-@pytest.mark.parametrize("reason, needle", [
-    ("Operators of type `Foo` are not supported by QNN EP.", "no Foo kernel"),
-    ("QNN EP: Dynamic shape is not supported yet", "static shape"),
-    ("Unsupported data type float for HTP", "QDQ"),
-    ("QNN EP is configured to not take DQ nodes that generate a graph output.", "offload_graph_io_quantization"),
-])
+@pytest.mark.parametrize(
+    "reason, needle",
+    [
+        ("Operators of type `Foo` are not supported by QNN EP.", "no Foo kernel"),
+        ("QNN EP: Dynamic shape is not supported yet", "static shape"),
+        ("Unsupported data type float for HTP", "QDQ"),
+        ("QNN EP is configured to not take DQ nodes that generate a graph output.", "offload_graph_io_quantization"),
+    ],
+)
 def test_qnn_fix_names_what_to_do(reason, needle):
     from runtimes.qnn import fix_for
 
@@ -71,13 +78,20 @@ def test_mask_fill_is_clamped_and_nothing_else():
 
     from runtimes.qnn import MASK_FILL, clamp_mask_fill
 
-    inits = [numpy_helper.from_array(np.array(np.finfo(np.float32).min, dtype=np.float32), "fill"),
-             numpy_helper.from_array(np.array(-1.0, dtype=np.float32), "minus_one"),
-             numpy_helper.from_array(np.full((3,), -3e38, dtype=np.float32), "weights")]   # not a scalar: kept
+    inits = [
+        numpy_helper.from_array(np.array(np.finfo(np.float32).min, dtype=np.float32), "fill"),
+        numpy_helper.from_array(np.array(-1.0, dtype=np.float32), "minus_one"),
+        numpy_helper.from_array(np.full((3,), -3e38, dtype=np.float32), "weights"),
+    ]  # not a scalar: kept
     const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(-3e38, dtype=np.float32)))
     add = helper.make_node("Add", ["x", "fill"], ["y"])
-    g = helper.make_graph([const, add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+    g = helper.make_graph(
+        [const, add],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        inits,
+    )
     model = helper.make_model(g)
     assert sorted(clamp_mask_fill(model)) == ["c", "fill"]
     vals = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -87,6 +101,7 @@ def test_mask_fill_is_clamped_and_nothing_else():
 
 
 # --- Vela: summary CSV, per-layer CSV, CPU reasons, labels ----------------------------------------------
+
 
 def test_vela_summary_csv():
     from runtimes.vela import parse_summary_csv
@@ -113,10 +128,13 @@ def test_vela_per_layer_csv_and_cpu_reasons():
 def test_vela_report_is_labelled_vendor_model_and_says_cpu_ops_are_not_counted():
     from runtimes.vela import VelaConfig, VelaResult, parse_cpu_reasons, parse_per_layer_csv, parse_summary_csv, report
 
-    res = VelaResult(tool="ethos-u-vela 5.2.0", config=VelaConfig("ethos-u55-256", "Ethos_U55_High_End_Embedded", "Shared_Sram"),
-                     summary=parse_summary_csv(FIXTURES / "vela_summary_Ethos_U55_High_End_Embedded.csv"),
-                     layers=parse_per_layer_csv(FIXTURES / "vela_per-layer.csv"),
-                     cpu_reasons=parse_cpu_reasons((FIXTURES / "vela_stdout.txt").read_text()))
+    res = VelaResult(
+        tool="ethos-u-vela 5.2.0",
+        config=VelaConfig("ethos-u55-256", "Ethos_U55_High_End_Embedded", "Shared_Sram"),
+        summary=parse_summary_csv(FIXTURES / "vela_summary_Ethos_U55_High_End_Embedded.csv"),
+        layers=parse_per_layer_csv(FIXTURES / "vela_per-layer.csv"),
+        cpu_reasons=parse_cpu_reasons((FIXTURES / "vela_stdout.txt").read_text()),
+    )
     r = report(res, 1, 128)
     lat = r["latency"]
     assert lat["source"] == "vendor_model" and lat["tool"] == "ethos-u-vela 5.2.0"
@@ -136,23 +154,34 @@ def test_vela_configs_come_from_the_profile():
     args = VelaConfig.from_profile(load_profile("npu-ethos-u55")).args()
     assert args[args.index("--accelerator-config") + 1] == "ethos-u55-256"
     assert args[args.index("--memory-mode") + 1] == "Shared_Sram" and "--system-config" in args
-    bare = profile_from_dict({"name": "u", "description": "d", "kind": "npu", "runtime": "vela",
-                              "execution_provider": "ethos-u-vela", "latency_source": "vendor_model", "precisions": ["int8"]})
+    bare = profile_from_dict(
+        {
+            "name": "u",
+            "description": "d",
+            "kind": "npu",
+            "runtime": "vela",
+            "execution_provider": "ethos-u-vela",
+            "latency_source": "vendor_model",
+            "precisions": ["int8"],
+        }
+    )
     with pytest.raises(CompressError, match="accelerator_config"):
         VelaConfig.from_profile(bare)
 
 
 # --- without the extras ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target, module, extra", [("npu-qnn-htp", "onnxruntime_qnn", "qnn"),
-                                                   ("npu-ethos-u55", "ethosu", "ethos")])
+
+@pytest.mark.parametrize(
+    "target, module, extra", [("npu-qnn-htp", "onnxruntime_qnn", "qnn"), ("npu-ethos-u55", "ethosu", "ethos")]
+)
 def test_missing_extra_is_one_line_naming_it(monkeypatch, tmp_path, target, module, extra):
     from compress.pipeline import target_status
     from profiles import load_profile
 
-    monkeypatch.setitem(sys.modules, module, None)          # import and find_spec now fail as if not installed
+    monkeypatch.setitem(sys.modules, module, None)  # import and find_spec now fail as if not installed
     mode, why = target_status(load_profile(target))
-    assert mode == "estimate only" and f'edge-compress[{extra}]' in why
+    assert mode == "estimate only" and f"edge-compress[{extra}]" in why
     res = _run(["run", "minilm", "--target", target, "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
@@ -174,6 +203,7 @@ def test_require_names_the_extra(monkeypatch):
 
 # --- the real back-ends on a tiny model (only where the extra is installed) ---------------------------------
 
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -188,8 +218,20 @@ def test_qnn_preflight_on_a_tiny_model(tiny_dirs, tmp_path):
     import json
 
     out = tmp_path / "qnn"
-    res = _run(["run", str(tiny_dirs["st"]), "--target", "npu-qnn-htp", "--recipe", "fp32", "--shapes", "1x16",
-                "--out", str(out)])
+    res = _run(
+        [
+            "run",
+            str(tiny_dirs["st"]),
+            "--target",
+            "npu-qnn-htp",
+            "--recipe",
+            "fp32",
+            "--shapes",
+            "1x16",
+            "--out",
+            str(out),
+        ]
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "report.json").read_text())
     n = rep["npu"]
@@ -201,7 +243,9 @@ def test_qnn_preflight_on_a_tiny_model(tiny_dirs, tmp_path):
     assert rep["eval"][0]["path"] == "qdq-cpu-emulation" and 0.5 < rep["eval"][0]["compressed"] <= 1.0
     assert "[analytic" in res.output
     prof = _run(["profile", str(out), "--target", "npu-qnn-htp", "--shapes", "1x16"])
-    assert prof.exit_code == 0 and "compiles wholly onto the HTP simulator (0 fallback nodes)" in prof.output, prof.output
+    assert prof.exit_code == 0 and "compiles wholly onto the HTP simulator (0 fallback nodes)" in prof.output, (
+        prof.output
+    )
 
 
 @pytest.mark.skipif(not (_has("ethosu.vela") and _has("litert_torch")), reason="needs the [ethos] extra")
@@ -209,8 +253,20 @@ def test_ethos_u55_on_a_tiny_model(tiny_dirs, tmp_path):
     import json
 
     out = tmp_path / "u55"
-    res = _run(["run", str(tiny_dirs["st"]), "--target", "npu-ethos-u55", "--recipe", "fp32", "--shapes", "1x16",
-                "--out", str(out)])
+    res = _run(
+        [
+            "run",
+            str(tiny_dirs["st"]),
+            "--target",
+            "npu-ethos-u55",
+            "--recipe",
+            "fp32",
+            "--shapes",
+            "1x16",
+            "--out",
+            str(out),
+        ]
+    )
     assert res.exit_code == 0, res.output
     n = json.loads((out / "report.json").read_text())["npu"]
     assert n["latency"][0]["source"] == "vendor_model" and n["tool"].startswith("ethos-u-vela")

@@ -1,15 +1,31 @@
 """Device profiles: every shipped one loads and is honest about its figures; bad values fail in one line."""
+
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import profiles
-from profiles import (DEFAULT_HOST_BANDWIDTH_GBS, NUMERIC_FIELDS, ProfileError, available_profiles, host_cpu_peak,
-                      load_profile, missing_requirements)
+from profiles import (
+    DEFAULT_HOST_BANDWIDTH_GBS,
+    NUMERIC_FIELDS,
+    ProfileError,
+    available_profiles,
+    host_cpu_peak,
+    load_profile,
+    missing_requirements,
+)
 
-SHIPPED = {"cpu", "gpu", "npu-qnn-htp", "npu-ethos-u55", "npu-ethos-u65", "npu-intel-npu4", "npu-apple-ane-m4",
-           "npu-rk3588"}
+SHIPPED = {
+    "cpu",
+    "gpu",
+    "npu-qnn-htp",
+    "npu-ethos-u55",
+    "npu-ethos-u65",
+    "npu-intel-npu4",
+    "npu-apple-ane-m4",
+    "npu-rk3588",
+}
 
 GOOD = """
 name = "my-board"
@@ -61,32 +77,35 @@ def test_shipped_profiles_say_how_latency_is_obtained():
     for name, macs, clock in (("npu-ethos-u55", 256, 500e6), ("npu-ethos-u65", 512, 1e9)):
         p = load_profile(name)
         assert p.latency_source == "vendor_model" and "ethosu.vela" in p.requires
-        assert p.peak_tops_int8 == pytest.approx(2 * macs * clock / 1e12)       # 2 ops per MAC
+        assert p.peak_tops_int8 == pytest.approx(2 * macs * clock / 1e12)  # 2 ops per MAC
         assert p.option("accelerator_config").endswith(str(macs)) and p.option("system_config")
-        assert p.peak_tflops_fp16 == 0 and p.peak_tflops_fp32 == 0              # integer-only NPU
+        assert p.peak_tflops_fp16 == 0 and p.peak_tflops_fp32 == 0  # integer-only NPU
 
 
 def test_user_profile_from_a_path_loads(tmp_path):
     p = load_profile(_write(tmp_path, GOOD))
     assert p.name == "my-board" and p.peak_tops_int8 == 4.0 and isinstance(p.peak_tops_int8, float)
-    assert p.bandwidth_gbs == 8.5 and p.efficiency_compute == 0.3 and p.efficiency_memory == 0.6   # defaults
+    assert p.bandwidth_gbs == 8.5 and p.efficiency_compute == 0.3 and p.efficiency_memory == 0.6  # defaults
     assert p.options == (("soc", "x1"),) and p.uncertain == ("peak_tops_int8",)
     assert p.source_file == str(tmp_path / "board.toml")
 
 
-@pytest.mark.parametrize("change, words", [
-    (("efficiency_compute = 1.5",), "efficiency_compute"),
-    (("efficiency_memory = 0",), "efficiency_memory"),
-    (("bandwidth_gbs = -3",), "bandwidth_gbs"),
-    (('peak_tops_int8 = "fast"',), "peak_tops_int8"),
-    (("launch_us = true",), "launch_us"),
-    (('uncertain = ["speed"]',), "uncertain"),
-    (('kind = "tpu"',), "kind"),
-    (('latency_source = "guess"',), "latency_source"),
-    (('requires = ["not a module"]',), "requires"),
-    (("bandwidth_gbs = 0",), "analytic"),
-    (("colour = 1",), "unknown key"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (("efficiency_compute = 1.5",), "efficiency_compute"),
+        (("efficiency_memory = 0",), "efficiency_memory"),
+        (("bandwidth_gbs = -3",), "bandwidth_gbs"),
+        (('peak_tops_int8 = "fast"',), "peak_tops_int8"),
+        (("launch_us = true",), "launch_us"),
+        (('uncertain = ["speed"]',), "uncertain"),
+        (('kind = "tpu"',), "kind"),
+        (('latency_source = "guess"',), "latency_source"),
+        (('requires = ["not a module"]',), "requires"),
+        (("bandwidth_gbs = 0",), "analytic"),
+        (("colour = 1",), "unknown key"),
+    ],
+)
 def test_bad_values_give_one_line_errors(tmp_path, change, words):
     lines = GOOD.splitlines()
     for c in change:
@@ -120,14 +139,16 @@ flags\t\t: fpu sse2 avx {flags}
 
 
 def _cpuinfo(flags: str, cores: int = 4, threads_per_core: int = 2, model: str = "") -> str:
-    return "\n".join(CPUINFO.format(i=i, core=i // threads_per_core, flags=flags, model=model)
-                     for i in range(cores * threads_per_core))
+    return "\n".join(
+        CPUINFO.format(i=i, core=i // threads_per_core, flags=flags, model=model)
+        for i in range(cores * threads_per_core)
+    )
 
 
 def test_host_cpu_peak_from_isa_flags(tmp_path):
     cpu = load_profile("cpu")
-    avx2 = host_cpu_peak(cpu, _cpuinfo("avx2 fma"))                 # 4 cores x 3 GHz x 32 FLOP/cycle
-    assert avx2.gflops_fp32 == pytest.approx(384) and avx2.gops_int8 == pytest.approx(768)   # int8 2x: no VNNI
+    avx2 = host_cpu_peak(cpu, _cpuinfo("avx2 fma"))  # 4 cores x 3 GHz x 32 FLOP/cycle
+    assert avx2.gflops_fp32 == pytest.approx(384) and avx2.gops_int8 == pytest.approx(768)  # int8 2x: no VNNI
     assert avx2.bandwidth_gbs == DEFAULT_HOST_BANDWIDTH_GBS
     vnni = host_cpu_peak(cpu, _cpuinfo("avx2 fma avx512f avx512_vnni"))
     assert vnni.gflops_fp32 == pytest.approx(768) and vnni.gops_int8 == pytest.approx(4 * 768)

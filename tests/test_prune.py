@@ -1,15 +1,16 @@
 """prune.gradual on a tiny seeded model: schedule, sparsity reached, structured removal, export parity."""
+
 import copy
 
 import pytest
 import torch
 
-from compress.data import calibration_and_heldout, shipped_sentences
-from compress.errors import CompressError
-from compress.models import linear_layers, load_model
-from compress.pipeline import apply_torch_stages
+from compress.core.data import calibration_and_heldout, shipped_sentences
+from compress.core.errors import CompressError
+from compress.core.models import linear_layers, load_model
 from compress.recipe import parse_recipe
 from compress.stages.prune import GradualPrune, cubic_sparsity
+from compress.steps import apply_torch_stages
 from export.onnx_export import export_onnx
 from export.verify import verify_against_torch
 
@@ -18,17 +19,20 @@ def test_cubic_schedule():
     cfg = GradualPrune(final_sparsity=0.8, initial_sparsity=0.0, begin_step=10, end_step=110, total_steps=200)
     assert cubic_sparsity(0, cfg) == 0.0 and cubic_sparsity(10, cfg) == 0.0
     assert cubic_sparsity(110, cfg) == pytest.approx(0.8) and cubic_sparsity(180, cfg) == pytest.approx(0.8)
-    assert cubic_sparsity(60, cfg) == pytest.approx(0.8 * (1 - 0.5 ** 3))      # fast early, slow late
+    assert cubic_sparsity(60, cfg) == pytest.approx(0.8 * (1 - 0.5**3))  # fast early, slow late
     vals = [cubic_sparsity(t, cfg) for t in range(10, 111, 10)]
     assert all(b >= a for a, b in zip(vals, vals[1:]))
 
 
-@pytest.mark.parametrize("params, pattern", [
-    ({"final_sparsity": 1.0}, "final_sparsity=1.0"),
-    ({"final_sparsity": 0.5, "initial_sparsity": 0.7}, "initial_sparsity"),
-    ({"granularity": "block"}, "granularity='block'"),
-    ({"end_step": 500, "total_steps": 400}, "end_step <= total_steps"),
-])
+@pytest.mark.parametrize(
+    "params, pattern",
+    [
+        ({"final_sparsity": 1.0}, "final_sparsity=1.0"),
+        ({"final_sparsity": 0.5, "initial_sparsity": 0.7}, "initial_sparsity"),
+        ({"granularity": "block"}, "granularity='block'"),
+        ({"end_step": 500, "total_steps": 400}, "end_step <= total_steps"),
+    ],
+)
 def test_bad_values(params, pattern):
     with pytest.raises(CompressError, match=pattern):
         parse_recipe({"stages": [{"type": "prune.gradual", **params}]}, "x", "x.toml")
@@ -41,8 +45,15 @@ def tiny(tiny_dirs):
 
 def _run(tiny, **params):
     cal, held = calibration_and_heldout(shipped_sentences())
-    recipe = parse_recipe({"stages": [{"type": "prune.gradual", "end_step": 12, "total_steps": 16, "frequency": 4,
-                                       "batch_size": 8, **params}]}, "x", "x.toml")
+    recipe = parse_recipe(
+        {
+            "stages": [
+                {"type": "prune.gradual", "end_step": 12, "total_steps": 16, "frequency": 4, "batch_size": 8, **params}
+            ]
+        },
+        "x",
+        "x.toml",
+    )
     lm, reports = apply_torch_stages(list(recipe.stages), copy.deepcopy(tiny), cal)
     return lm, reports[0]["metrics"], held
 

@@ -1,6 +1,6 @@
 import pytest
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError
 from compress.recipe import load_recipe, parse_recipe, shipped_recipes
 from compress.stages import REGISTRY
 
@@ -25,12 +25,15 @@ def test_unknown_parameter_lists_valid_ones():
         parse_recipe({"stages": [{"type": "quant.dynamic", "bits": 4}]}, "x", "x.toml")
 
 
-@pytest.mark.parametrize("params, pattern", [
-    ({"per_channel": "yes"}, "must be bool"),
-    ({"weight_type": "int3"}, "weight_type='int3' is not one of"),
-    ({"samples": 0}, "samples=0 must be >= 1"),
-    ({"op_types": "MatMul"}, "list of strings"),
-])
+@pytest.mark.parametrize(
+    "params, pattern",
+    [
+        ({"per_channel": "yes"}, "must be bool"),
+        ({"weight_type": "int3"}, "weight_type='int3' is not one of"),
+        ({"samples": 0}, "samples=0 must be >= 1"),
+        ({"op_types": "MatMul"}, "list of strings"),
+    ],
+)
 def test_bad_parameter_values_are_refused(params, pattern):
     with pytest.raises(CompressError, match=pattern):
         parse_recipe({"stages": [{"type": "quant.static", **params}]}, "x", "x.toml")

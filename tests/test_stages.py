@@ -1,14 +1,15 @@
 """ONNX stages on a tiny exported BERT: the graph really changes and the outputs stay close."""
+
 from collections import Counter
 from pathlib import Path
 
 import onnx
 import pytest
 
-from compress.data import calibration_and_heldout, shipped_sentences
-from compress.models import load_model
-from compress.pipeline import apply_onnx_stages, onnx_context
+from compress.core.data import calibration_and_heldout, shipped_sentences
+from compress.core.models import load_model
 from compress.recipe import load_recipe
+from compress.steps import apply_onnx_stages, onnx_context
 from export.onnx_export import export_onnx
 from export.verify import compare
 from runtimes.encode import ort_outputs
@@ -20,19 +21,22 @@ def exported(tiny_dirs, tmp_path_factory):
     lm = load_model(str(tiny_dirs["st"]))
     path = export_onnx(lm, tmp_path_factory.mktemp("exp") / "art")
     cal, held = calibration_and_heldout(shipped_sentences())
-    return lm, path, onnx_context(lm, cal[:24]), held[:40]
+    return lm, path, onnx_context([], lm, cal[:24]), held[:40]
 
 
 def _ops(path: Path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("recipe, expect_ops, min_cos", [
-    ("dynamic-int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.97),
-    ("static-int8", {"QuantizeLinear", "DequantizeLinear"}, 0.95),
-    ("fused", {"Attention"}, 0.9999),
-    ("fused-dynamic-int8", {"QAttention"}, 0.97),
-])
+@pytest.mark.parametrize(
+    "recipe, expect_ops, min_cos",
+    [
+        ("dynamic-int8", {"MatMulInteger", "DynamicQuantizeLinear"}, 0.97),
+        ("static-int8", {"QuantizeLinear", "DequantizeLinear"}, 0.95),
+        ("fused", {"Attention"}, 0.9999),
+        ("fused-dynamic-int8", {"QAttention"}, 0.97),
+    ],
+)
 def test_recipe_changes_graph_and_keeps_outputs(exported, tmp_path, monkeypatch, recipe, expect_ops, min_cos):
     lm, path, ctx, held = exported
     cwd = tmp_path / "cwd"
@@ -41,7 +45,7 @@ def test_recipe_changes_graph_and_keeps_outputs(exported, tmp_path, monkeypatch,
     work = tmp_path / "work"
     work.mkdir()
     out, reports = apply_onnx_stages(list(load_recipe(recipe).stages), path, work, ctx)
-    assert list(cwd.iterdir()) == []            # ORT's shape-inference droppings stay out of the user's folder
+    assert list(cwd.iterdir()) == []  # ORT's shape-inference droppings stay out of the user's folder
     assert expect_ops <= set(_ops(out)), _ops(out)
     assert [r["name"] for r in reports] == [s.name for s in load_recipe(recipe).stages]
     ref = ort_outputs(cpu_session(path, 1), lm.tokenizer, held, lm.task)

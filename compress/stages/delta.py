@@ -3,7 +3,7 @@
 Methods: DARE, DAREx-q, magnitude, importance.
 
 Δ = θ_ft − θ_base per floating-point tensor (state_dict names; integer buffers such as position ids are skipped).
-Every tensor whose name matches ``layers`` (fnmatch) keeps part of its delta:
+Every tensor of a module whose name matches ``layers`` (fnmatch over module names) keeps part of its delta:
   dare        each entry kept with probability 1 − p (seeded mask), survivors × 1/(1 − p)  -> E[kept Δ] = Δ
   darex-q     the same mask, survivors × 1/q with q in [1 − p, 1]; q = 0: q is searched (``q_search``)
   magnitude   the round((1 − p) n) largest |Δ| of the tensor's n changed entries (Δ != 0), no rescale
@@ -12,41 +12,45 @@ Every tensor whose name matches ``layers`` (fnmatch) keeps part of its delta:
 So p is the fraction of the changed entries dropped, for every method alike (DARE in expectation); zero
 entries of Δ are never stored. Tensors outside ``layers`` keep their whole delta. The model becomes
 θ_base + kept Δ, and only the kept entries (flat indices + values) go to ``delta.safetensors``
-(compress.delta_io): base + that file rebuilds this model bit for bit (``compress apply-delta``).
+(compress.stages.delta_io): base + that file rebuilds this model bit for bit (``compress apply-delta``).
 """
+
 from __future__ import annotations
 
-import fnmatch
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from compress.delta_io import Kept, apply_kept, delta_tensors, fingerprint, first_mismatch, save_delta
-from compress.errors import CompressError
+from compress.core.errors import CompressError
+from compress.core.evaluate import EMBEDDING_TASKS, accuracy, stsb_spearman
+from compress.core.models import load_model, matches, module_of, torch_outputs
 from compress.stages.base import StageError, TorchContext
+from compress.stages.delta_io import Kept, apply_kept, delta_tensors, fingerprint, first_mismatch, save_delta
 
 METHODS = ("dare", "darex-q", "magnitude", "importance")
 Q_SEARCHES = ("unlabelled", "grid")
 DELTA_DTYPES = ("fp32", "fp16")
 DELTA_FILE = "delta.safetensors"
-LOSSES = {"unlabelled": "mean |h(pruned) - h(fine-tuned)| on calibration text",
-          "grid": "-(STS-B Spearman x100 or accuracy %) on eval_file"}
-SMALL_DELTA = 0.005        # DARE's working assumption (supervised fine-tuning): mean |Δ| below about this
+LOSSES = {
+    "unlabelled": "mean |h(pruned) - h(fine-tuned)| on calibration text",
+    "grid": "-(STS-B Spearman x100 or accuracy %) on eval_file",
+}
+SMALL_DELTA = 0.005  # DARE's working assumption (supervised fine-tuning): mean |Δ| below about this
 
 
 @dataclass(frozen=True)
 class DeltaPrune:
-    method: str = "dare"            # dare | darex-q | magnitude | importance
-    p: float = 0.9                  # drop rate, in [0, 1)
-    q: float = 0.0                  # darex-q: survivors × 1/q, q in [1 - p, 1] (1 - p is DARE); 0: search it
-    q_search: str = "unlabelled"    # unlabelled: match the fine-tuned outputs | grid: best score on eval_file
-    eval_file: str = ""             # q_search = "grid": STS-B file (embeddings) or text<TAB>label TSV (classifiers)
-    base: str = ""                  # the base model; "" -> --base of compress run
+    method: str = "dare"  # dare | darex-q | magnitude | importance
+    p: float = 0.9  # drop rate, in [0, 1)
+    q: float = 0.0  # darex-q: survivors × 1/q, q in [1 - p, 1] (1 - p is DARE); 0: search it
+    q_search: str = "unlabelled"  # unlabelled: match the fine-tuned outputs | grid: best score on eval_file
+    eval_file: str = ""  # q_search = "grid": STS-B file (embeddings) or text<TAB>label TSV (classifiers)
+    base: str = ""  # the base model; "" -> --base of compress run
     seed: int = 0
-    layers: tuple[str, ...] = ("*",)   # fnmatch patterns over state_dict names; the rest keep their whole delta
-    delta_dtype: str = "fp32"       # values in delta.safetensors: fp32 | fp16
-    samples: int = 50               # calibration sentences for the q search and the importance norms
+    layers: tuple[str, ...] = ("*",)  # fnmatch patterns over module names; the other tensors keep their whole delta
+    delta_dtype: str = "fp32"  # values in delta.safetensors: fp32 | fp16
+    samples: int = 50  # calibration sentences for the q search and the importance norms
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -57,14 +61,17 @@ class DeltaPrune:
             if self.method != "darex-q":
                 raise StageError("prune.delta: q is used by method='darex-q' only; remove q or set method='darex-q'")
             if not (1.0 - self.p) - 1e-12 <= self.q <= 1.0:
-                raise StageError(f"prune.delta: q={self.q} must be 0 (search it) or in [1 - p, 1] = "
-                                 f"[{1.0 - self.p:.6g}, 1]")
+                raise StageError(
+                    f"prune.delta: q={self.q} must be 0 (search it) or in [1 - p, 1] = [{1.0 - self.p:.6g}, 1]"
+                )
         if self.q_search not in Q_SEARCHES:
             raise StageError(f"prune.delta: q_search='{self.q_search}' is not one of {', '.join(Q_SEARCHES)}")
         if self.method == "darex-q" and self.q == 0.0 and self.q_search == "grid" and not self.eval_file:
-            raise StageError("prune.delta: q_search='grid' scores q on a labelled file: set eval_file to an STS-B "
-                             "file (embedding models) or a text<TAB>label TSV (classifiers), "
-                             "or use q_search='unlabelled'")
+            raise StageError(
+                "prune.delta: q_search='grid' scores q on a labelled file: set eval_file to an STS-B "
+                "file (embedding models) or a text<TAB>label TSV (classifiers), "
+                "or use q_search='unlabelled'"
+            )
         if self.eval_file and not Path(self.eval_file).is_file():
             raise StageError(f"prune.delta: eval_file {self.eval_file} not found: pass an existing file")
         if self.delta_dtype not in DELTA_DTYPES:
@@ -75,6 +82,7 @@ class DeltaPrune:
 
 # ---- choosing the kept entries of one tensor ------------------------------------------------------------
 
+
 def keep_count(n: int, p: float) -> int:
     """How many of n changed entries a top-k method keeps: round((1 - p) n), at least one (none of none)."""
     return min(n, max(1, round((1.0 - p) * n))) if n else 0
@@ -82,7 +90,7 @@ def keep_count(n: int, p: float) -> int:
 
 def tensor_seed(seed: int, name: str) -> int:
     """A per-tensor seed, so one tensor's mask does not depend on which other tensors are pruned."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1)
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def dare_keep(shape, p: float, seed: int):
@@ -103,9 +111,9 @@ class DeltaPlan:
     """Which entries survive (fixed), and the Δ there; the rescale q is applied when values are asked for."""
 
     shapes: dict[str, tuple[int, ...]]
-    idx: dict[str, object]          # name -> flat kept positions, int64 (k,)
-    delta: dict[str, object]        # name -> Δ at those positions, float32 (k,)
-    rescaled: set[str]              # names whose values are divided by q (DARE / DAREx-q)
+    idx: dict[str, object]  # name -> flat kept positions, int64 (k,)
+    delta: dict[str, object]  # name -> Δ at those positions, float32 (k,)
+    rescaled: set[str]  # names whose values are divided by q (DARE / DAREx-q)
 
     def kept(self, q: float, dtype) -> Kept:
         import torch
@@ -116,7 +124,7 @@ class DeltaPlan:
             vals = vals.to(dtype)
             if not torch.isfinite(vals).all():
                 raise StageError(f"prune.delta: kept values of {name} overflow {dtype}: use delta_dtype='fp32'")
-            index_dtype = torch.int32 if idx.numel() == 0 or int(idx.max()) < 2 ** 31 else torch.int64
+            index_dtype = torch.int32 if idx.numel() == 0 or int(idx.max()) < 2**31 else torch.int64
             out[name] = (idx.to(index_dtype), vals, self.shapes[name])
         return out
 
@@ -130,9 +138,9 @@ def plan(cfg: DeltaPrune, deltas: dict, selected: set[str], norms: dict) -> Delt
             keep = flat.nonzero().squeeze(1)
         elif cfg.method in ("dare", "darex-q"):
             keep = dare_keep(d.shape, cfg.p, tensor_seed(cfg.seed, name))
-        elif name in norms:                                   # importance on a Linear weight (out, in)
+        elif name in norms:  # importance on a Linear weight (out, in)
             keep = top_keep(d.abs() * norms[name][None, :], int(flat.count_nonzero()), cfg.p)
-        else:                                                 # magnitude, or importance without activations
+        else:  # magnitude, or importance without activations
             keep = top_keep(d.abs(), int(flat.count_nonzero()), cfg.p)
         keep = keep[flat[keep] != 0]
         if keep.numel():
@@ -143,8 +151,10 @@ def plan(cfg: DeltaPrune, deltas: dict, selected: set[str], norms: dict) -> Delt
 
 # ---- q search (DAREx-q) ------------------------------------------------------------------------------------
 
-def search_q(loss: Callable[[float], float], lo: float, hi: float = 1.0, coarse: int = 10, patience: int = 4,
-             max_tries: int = 30) -> tuple[float, list[tuple[float, float]]]:
+
+def search_q(
+    loss: Callable[[float], float], lo: float, hi: float = 1.0, coarse: int = 10, patience: int = 4, max_tries: int = 30
+) -> tuple[float, list[tuple[float, float]]]:
     """Minimise loss(q) over q in (lo, hi]: a coarse grid of ``coarse`` points, then a finer search around the
     best (try best ± step, move to any improvement, halve the step when neither side improves); stops after
     ``patience`` tries in a row that do not improve, or ``max_tries`` in all. Returns (q, [(q, loss), ...])."""
@@ -169,7 +179,7 @@ def search_q(loss: Callable[[float], float], lo: float, hi: float = 1.0, coarse:
             value = f(q)
             if value < best:
                 best_q, best, misses = q, value, 0
-                step *= 2                        # moved: keep the step for the next round
+                step *= 2  # moved: keep the step for the next round
                 break
             misses += 1
     return best_q, tries
@@ -186,16 +196,18 @@ def _input_norms(lm, weight_names: set[str], texts: list[str]) -> dict:
     """||x_j|| over every calibration token at the input of each Linear whose weight is named: name -> (in,)."""
     import torch
 
-    from compress.models import torch_outputs
-
-    linears = {f"{n}.weight": m for n, m in lm.model.named_modules()
-               if isinstance(m, torch.nn.Linear) and f"{n}.weight" in weight_names}
+    linears = {
+        f"{n}.weight": m
+        for n, m in lm.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and f"{n}.weight" in weight_names
+    }
     sums: dict = {}
 
     def hook(name):
         def on_forward(_module, inputs, _output) -> None:
             x = inputs[0].detach().float()
-            sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)   # (in,)
+            sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)  # (in,)
+
         return on_forward
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -207,13 +219,11 @@ def _input_norms(lm, weight_names: set[str], texts: list[str]) -> dict:
     return {n: s.sqrt() for n, s in sums.items()}
 
 
-def _q_loss(cfg: DeltaPrune, lm, texts: list[str], reference,
-            set_q: Callable[[float], None]) -> Callable[[float], float]:
+def _q_loss(
+    cfg: DeltaPrune, lm, texts: list[str], reference, set_q: Callable[[float], None]
+) -> Callable[[float], float]:
     """What the q search minimises: mean |h(pruned) − h(fine-tuned)| (unlabelled) or −score on eval_file (grid)."""
     import numpy as np
-
-    from compress.evaluate import EMBEDDING_TASKS, accuracy, stsb_spearman
-    from compress.models import torch_outputs
 
     encode = lambda t: torch_outputs(lm, t)
     score = stsb_spearman if lm.task in EMBEDDING_TASKS else accuracy
@@ -229,10 +239,9 @@ def _q_loss(cfg: DeltaPrune, lm, texts: list[str], reference,
 
 # ---- the stage -----------------------------------------------------------------------------------------------
 
+
 def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
     import torch
-
-    from compress.models import load_model, torch_outputs
 
     base_name = cfg.base or ctx.base_model
     if not base_name:
@@ -246,12 +255,14 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
     mismatch = first_mismatch({n: tuple(t.shape) for n, t in ft.items()}, base, "the base", "the fine-tuned model")
     if mismatch:
         raise StageError(f"base and fine-tuned models differ: {mismatch}; pass the base this model was fine-tuned from")
-    selected = {n for n in ft if any(fnmatch.fnmatchcase(n, pat) for pat in cfg.layers)}
+    selected = {n for n in ft if matches(module_of(n), cfg.layers)}
     if not selected:
-        raise StageError(f"prune.delta: no floating-point parameter matches layers={list(cfg.layers)}: "
-                         "use fnmatch patterns over state_dict names, e.g. '*encoder*'")
+        raise StageError(
+            f"prune.delta: no floating-point parameter matches layers={list(cfg.layers)}: "
+            "use fnmatch patterns over module names, e.g. '*encoder*'"
+        )
 
-    texts = list(ctx.calibration[:cfg.samples])
+    texts = list(ctx.calibration[: cfg.samples])
     deltas = {n: ft[n].detach().float() - base[n].detach().float() for n in ft}
     norms = _input_norms(lm, selected, texts) if cfg.method == "importance" else {}
     search = cfg.method == "darex-q" and cfg.q == 0.0
@@ -267,48 +278,93 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
         set_q = lambda value: apply_kept(ft, base, kept_plan.kept(value, dtype))
         loss = _q_loss(cfg, lm, texts, reference, set_q)
         q, tries = search_q(loss, lo=1.0 - cfg.p)
-        dare_loss = loss(1.0 - cfg.p)                          # plain DARE on the same mask, for comparison
+        dare_loss = loss(1.0 - cfg.p)  # plain DARE on the same mask, for comparison
         q = pick_q(tries, 1.0 - cfg.p, dare_loss)
     kept = kept_plan.kept(q, dtype)
     apply_kept(ft, base, kept)
 
-    metadata = {"method": cfg.method, "p": cfg.p, "q": q if rescale else None, "seed": cfg.seed, "base": base_name,
-                "task": lm.task, "model_type": getattr(lm.config, "model_type", ""), "delta_dtype": cfg.delta_dtype,
-                "layers": list(cfg.layers), "shapes": {n: list(t.shape) for n, t in ft.items()},
-                "base_sha256": fingerprint(base)}
+    metadata = {
+        "method": cfg.method,
+        "p": cfg.p,
+        "q": q if rescale else None,
+        "seed": cfg.seed,
+        "base": base_name,
+        "task": lm.task,
+        "model_type": getattr(lm.config, "model_type", ""),
+        "delta_dtype": cfg.delta_dtype,
+        "layers": list(cfg.layers),
+        "shapes": {n: list(t.shape) for n, t in ft.items()},
+        "base_sha256": fingerprint(base),
+    }
     stored = sum(i.nbytes + v.nbytes for i, v, _ in kept.values())
     delta_file = None
     if ctx.artifact_dir is not None:
         stored = save_delta(Path(ctx.artifact_dir) / DELTA_FILE, kept, metadata)
         delta_file = DELTA_FILE
-    return lm, _metrics(cfg, deltas, selected, kept, q if rescale else None, tries, dare_loss, stored, delta_file,
-                        base_name)
+    return lm, _metrics(
+        cfg, deltas, selected, kept, q if rescale else None, tries, dare_loss, stored, delta_file, base_name
+    )
 
 
-def _metrics(cfg: DeltaPrune, deltas: dict, selected: set[str], kept: Kept, q, tries, dare_loss, stored: int,
-             delta_file, base_name: str) -> dict:
+def _metrics(
+    cfg: DeltaPrune,
+    deltas: dict,
+    selected: set[str],
+    kept: Kept,
+    q,
+    tries,
+    dare_loss,
+    stored: int,
+    delta_file,
+    base_name: str,
+) -> dict:
     n_all = sum(d.numel() for d in deltas.values())
     n_sel = sum(deltas[n].numel() for n in selected)
     kept_sel = sum(len(kept[n][0]) for n in selected if n in kept)
     mean_abs = float(sum(float(d.abs().sum()) for d in deltas.values()) / max(n_all, 1))
     fp32_bytes = 4 * n_all
-    per_layer = [{"param": n, "kept_fraction": round(len(kept[n][0]) / d.numel(), 5) if n in kept else 0.0,
-                  "mean_abs_delta": float(f"{float(d.abs().mean()):.3g}")}
-                 for n, d in deltas.items() if n in selected]
+    per_layer = [
+        {
+            "param": n,
+            "kept_fraction": round(len(kept[n][0]) / d.numel(), 5) if n in kept else 0.0,
+            "mean_abs_delta": float(f"{float(d.abs().mean()):.3g}"),
+        }
+        for n, d in deltas.items()
+        if n in selected
+    ]
     return {
-        "base": base_name, "method": cfg.method, "p": cfg.p, "q": q, "seed": cfg.seed,
-        "q_search": ({"mode": cfg.q_search, "loss": LOSSES[cfg.q_search], "tries": len(tries),
-                      "best_loss": float(f"{min(b for _, b in tries):.5g}"), "dare_loss": float(f"{dare_loss:.5g}"),
-                      "grid": [[round(a, 5), float(f"{b:.5g}")] for a, b in tries]} if tries else None),
-        "tensors_pruned": len(selected), "tensors_kept_whole": len(deltas) - len(selected),
+        "base": base_name,
+        "method": cfg.method,
+        "p": cfg.p,
+        "q": q,
+        "seed": cfg.seed,
+        "q_search": (
+            {
+                "mode": cfg.q_search,
+                "loss": LOSSES[cfg.q_search],
+                "tries": len(tries),
+                "best_loss": float(f"{min(b for _, b in tries):.5g}"),
+                "dare_loss": float(f"{dare_loss:.5g}"),
+                "grid": [[round(a, 5), float(f"{b:.5g}")] for a, b in tries],
+            }
+            if tries
+            else None
+        ),
+        "tensors_pruned": len(selected),
+        "tensors_kept_whole": len(deltas) - len(selected),
         "kept_fraction": round(kept_sel / max(n_sel, 1), 5),
         "changed_fraction": round(sum(int((d != 0).sum()) for d in deltas.values()) / max(n_all, 1), 5),
         "mean_abs_delta": float(f"{mean_abs:.4g}"),
         "max_abs_delta": float(f"{max(float(d.abs().max()) for d in deltas.values() if d.numel()):.4g}"),
-        "small_delta": (f"holds: mean |delta| {mean_abs:.2g} <= {SMALL_DELTA}" if mean_abs <= SMALL_DELTA else
-                        f"does not hold: mean |delta| {mean_abs:.2g} > {SMALL_DELTA}; random DARE drops degrade "
-                        "such deltas, prefer method='magnitude' or 'importance', or a lower p"),
-        "delta_file": delta_file, "delta_bytes": stored, "model_fp32_bytes": fp32_bytes,
+        "small_delta": (
+            f"holds: mean |delta| {mean_abs:.2g} <= {SMALL_DELTA}"
+            if mean_abs <= SMALL_DELTA
+            else f"does not hold: mean |delta| {mean_abs:.2g} > {SMALL_DELTA}; random DARE drops degrade "
+            "such deltas, prefer method='magnitude' or 'importance', or a lower p"
+        ),
+        "delta_file": delta_file,
+        "delta_bytes": stored,
+        "model_fp32_bytes": fp32_bytes,
         "delta_size_pct": round(100 * stored / max(fp32_bytes, 1), 3),
         "per_layer": per_layer,
     }

@@ -7,26 +7,31 @@ classifier logits. The student trains with AdamW (no weight decay, so pruned wei
 anywhere by it); the caller hooks in before each step (mask / schedule updates) and after each optimizer
 step (re-applying a fixed mask). No task loss: the stages see unlabelled text only.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
+from compress.core.models import torch_outputs
+from compress.core.numerics import task_output
 from compress.stages.base import StageError, TorchContext
 
 Status = dict[str, "float | int | str"]
 
 
 def student_outputs(lm, enc):
+    """The task output of the torch model on a tokenized batch, with gradients (compress.core.numerics)."""
     if lm.task == "sentence-embedding":
         return lm.model(dict(enc))["sentence_embedding"]
     res = lm.model(**enc)
-    if lm.task == "text-classification":
-        return res.logits
-    m = enc["attention_mask"].unsqueeze(-1).to(res.last_hidden_state.dtype)
-    return (res.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    outputs = (
+        {"logits": res.logits} if lm.task == "text-classification" else {"last_hidden_state": res.last_hidden_state}
+    )
+    return task_output(outputs, enc["attention_mask"], lm.task)
 
 
 def distil_loss(student, teacher, task: str):
@@ -41,24 +46,33 @@ def _show(status: Status) -> str:
     return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in status.items())
 
 
-def distil_train(lm, ctx: TorchContext, *, stage: str, steps: int, learning_rate: float, batch_size: int, seed: int,
-                 before_step: Callable[[int], Status], after_step: Callable[[int], None] | None = None) -> dict:
-    """Train ``lm`` in place for ``steps`` optimizer steps on ``ctx.calibration``.
+class Training(Protocol):
+    """What a training stage's config carries for the recovery loop."""
+
+    learning_rate: float
+    batch_size: int
+    seed: int
+
+
+def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, before_step: Callable[[int], Status],
+                 after_step: Callable[[int], None] | None = None) -> dict:  # fmt: skip
+    """Train ``lm`` in place for ``steps`` optimizer steps on ``ctx.calibration`` (AdamW at ``cfg.learning_rate``,
+    batches of ``cfg.batch_size``; torch and the batch order seeded from ``cfg.seed``).
 
     ``before_step(step)`` runs before every step and once more at ``step == steps`` (a last schedule update);
     it returns the status shown in progress lines and the trajectory (e.g. current sparsity).
-    ``after_step(step)`` runs after every optimizer step. Seeds torch and the batch order from ``seed``.
+    ``after_step(step)`` runs after every optimizer step.
     """
     import torch
 
-    from compress.models import torch_outputs
+    learning_rate, batch_size, seed = cfg.learning_rate, cfg.batch_size, cfg.seed
 
     texts = list(ctx.calibration)
     if len(texts) < batch_size:
         raise StageError(f"{stage}: {len(texts)} training sentences < batch_size {batch_size}: pass --data")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))            # (N, D), fixed targets
+    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))  # (N, D), fixed targets
     lm.model.train()
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -69,10 +83,11 @@ def distil_train(lm, ctx: TorchContext, *, stage: str, steps: int, learning_rate
             break
         if cursor + batch_size > len(order):
             order, cursor = rng.permutation(len(texts)), 0
-        idx = order[cursor:cursor + batch_size]
+        idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        enc = lm.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length,
-                           return_tensors="pt")
+        enc = lm.tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt"
+        )
         loss = distil_loss(student_outputs(lm, enc), teacher[idx], lm.task)
         opt.zero_grad()
         loss.backward()
@@ -85,6 +100,10 @@ def distil_train(lm, ctx: TorchContext, *, stage: str, steps: int, learning_rate
             if ctx.progress:
                 ctx.progress(f"  step {step + 1}/{steps}  loss {value:.4f}  {_show(status)}")
     lm.model.eval()
-    return {"trajectory": trajectory, "training_minutes": round((time.perf_counter() - t0) / 60, 2), "steps": steps,
-            "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
-            "training_sentences": len(texts)}
+    return {
+        "trajectory": trajectory,
+        "training_minutes": round((time.perf_counter() - t0) / 60, 2),
+        "steps": steps,
+        "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
+        "training_sentences": len(texts),
+    }

@@ -8,6 +8,7 @@ so BA minimises ‖(ΔW − BA) X‖_F. ``lowrank.svd`` is the baseline: SVD of 
 The layer becomes ``W_c x + B(A x)``. Layers are processed in module order; each layer's activations
 come from the model whose earlier layers are already compressed and compensated.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,16 +16,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compress.core.models import linear_layers, torch_outputs
 from compress.stages.base import StageError, TorchContext
 
 
 @dataclass(frozen=True)
 class LowRank:
-    rank: int = 32                  # fixed rank, or the cap when explained > 0
-    explained: float = 0.0          # > 0: per layer, the smallest rank reaching this share of the (weighted) error
+    rank: int = 32  # fixed rank, or the cap when explained > 0
+    explained: float = 0.0  # > 0: per layer, the smallest rank reaching this share of the (weighted) error
     layers: tuple[str, ...] = ("*",)
     calibration_samples: int = 64
-    eig_floor: float = 1e-6         # eigenvalues below floor * largest are clamped to it
+    eig_floor: float = 1e-6  # eigenvalues below floor * largest are clamped to it
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -35,7 +37,7 @@ class LowRank:
             raise StageError("lowrank: calibration_samples must be >= 1 and eig_floor in (0, 1)")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lowrank_module():
     import torch
 
@@ -64,7 +66,7 @@ def _lowrank_module():
 def _choose_rank(sigma: np.ndarray, cfg: LowRank) -> int:
     if cfg.explained <= 0:
         return min(cfg.rank, len(sigma))
-    energy = np.cumsum(sigma ** 2) / max(float((sigma ** 2).sum()), 1e-30)
+    energy = np.cumsum(sigma**2) / max(float((sigma**2).sum()), 1e-30)
     return int(min(cfg.rank, np.searchsorted(energy, cfg.explained) + 1))
 
 
@@ -75,18 +77,18 @@ def factors(dw: np.ndarray, cov: np.ndarray | None, cfg: LowRank) -> tuple[np.nd
         q_sqrt, q_inv, clamped = np.eye(d_in), np.eye(d_in), 0
         weighted = dw
     else:
-        lam, q = np.linalg.eigh(cov)                                 # ascending, float64
+        lam, q = np.linalg.eigh(cov)  # ascending, float64
         floor = cfg.eig_floor * max(float(lam.max()), 1e-30)
         clamped = int((lam < floor).sum())
         lam = np.maximum(lam, floor)
-        q_sqrt = q * np.sqrt(lam)                                    # Q Λ^½
-        q_inv = (q / np.sqrt(lam)).T                                 # Λ^-½ Qᵀ  (the inverse of Q')
+        q_sqrt = q * np.sqrt(lam)  # Q Λ^½
+        q_inv = (q / np.sqrt(lam)).T  # Λ^-½ Qᵀ  (the inverse of Q')
         weighted = dw @ q_sqrt
     u, s, vt = np.linalg.svd(weighted, full_matrices=False)
     r = _choose_rank(s, cfg)
     root = np.sqrt(s[:r])
-    b = u[:, :r] * root                                              # (out, r)
-    a = (root[:, None] * vt[:r]) @ q_inv                             # (r, in)
+    b = u[:, :r] * root  # (out, r)
+    a = (root[:, None] * vt[:r]) @ q_inv  # (r, in)
     return a, b, {"rank": r, "clamped_eigenvalues": clamped}
 
 
@@ -94,12 +96,12 @@ def _forward_with_hooks(lm, names: list[str], texts: list[str], fn) -> None:
     """Run the calibration text through the model with ``fn(name, x)`` hooked on each named module's input."""
     import torch
 
-    from compress.models import torch_outputs
-
     modules = dict(lm.model.named_modules())
+
     def hook(name):
-        def on_forward(_module, inputs, _output) -> None:     # returning None keeps the module's output
+        def on_forward(_module, inputs, _output) -> None:  # returning None keeps the module's output
             fn(name, inputs[0])
+
         return on_forward
 
     hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -144,17 +146,21 @@ def _weighted_norm(m: np.ndarray, cov: np.ndarray) -> float:
 
 
 def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
-    from compress.models import linear_layers
 
     stage = "lowrank.eora" if whiten else "lowrank.svd"
     originals = {n: m.weight.detach().double().numpy() for n, m in linear_layers(ctx.original, cfg.layers).items()}
     current = linear_layers(lm, cfg.layers)
-    targets = [n for n, m in current.items() if n in originals
-               and not np.array_equal(originals[n], m.weight.detach().double().numpy())]
+    targets = [
+        n
+        for n, m in current.items()
+        if n in originals and not np.array_equal(originals[n], m.weight.detach().double().numpy())
+    ]
     if not targets:
-        raise StageError(f"{stage}: no compressed Linear layer to compensate: put it after a compressing stage "
-                         "(quant.int4, prune.nm, ...)")
-    texts = list(ctx.calibration[:cfg.calibration_samples])
+        raise StageError(
+            f"{stage}: no compressed Linear layer to compensate: put it after a compressing stage "
+            "(quant.int4, prune.nm, ...)"
+        )
+    texts = list(ctx.calibration[: cfg.calibration_samples])
     per_layer = []
     # Module order, earlier layers first; each group's activations come from the already compensated model.
     # SVD does not use the covariance for its factors, only to report the error in the same norm as EoRA.
@@ -162,14 +168,20 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
         covs = _input_covariances(lm, group, texts)
         for name in group:
             per_layer.append(_compensate_layer(lm, name, covs[name], originals[name], cfg, whiten))
-    for name in targets:                              # int4 packing follows the weight into its new module
+    for name in targets:  # int4 packing follows the weight into its new module
         if name in lm.int4_layers and any(r.get("layer") == name and "rank" in r for r in per_layer):
             lm.int4_layers[f"{name}.base"] = lm.int4_layers.pop(name)
     done = [r for r in per_layer if "rank" in r]
     mean = lambda key: round(float(np.mean([r[key] for r in done])), 5) if done else None
-    return lm, {"layers": len(done), "skipped": len(per_layer) - len(done), "mean_error_before": mean("error_before"),
-                "mean_error_after": mean("error_after"), "added_params": sum(r["added_params"] for r in done),
-                "error_norm": "activation-weighted relative: ||dW X|| / ||W X||", "per_layer": per_layer}
+    return lm, {
+        "layers": len(done),
+        "skipped": len(per_layer) - len(done),
+        "mean_error_before": mean("error_before"),
+        "mean_error_after": mean("error_after"),
+        "added_params": sum(r["added_params"] for r in done),
+        "error_norm": "activation-weighted relative: ||dW X|| / ||W X||",
+        "per_layer": per_layer,
+    }
 
 
 def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg: LowRank, whiten: bool) -> dict:
@@ -185,8 +197,13 @@ def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg:
     parent, _, child = name.rpartition(".")
     new = _lowrank_module()(mod, torch.from_numpy(a).float(), torch.from_numpy(b).float())
     setattr(lm.model.get_submodule(parent) if parent else lm.model, child, new)
-    return {"layer": name, **info, "error_before": round(before, 5), "error_after": round(after, 5),
-            "added_params": int(a.size + b.size)}
+    return {
+        "layer": name,
+        **info,
+        "error_before": round(before, 5),
+        "error_after": round(after, 5),
+        "added_params": int(a.size + b.size),
+    }
 
 
 def apply_eora(cfg: LowRank, lm, ctx: TorchContext):

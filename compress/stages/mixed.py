@@ -28,43 +28,53 @@ precision. Steps (method and defaults: ../shared/notes/algorithms.md, HAWQ-V2 + 
 Neither ORT nor Neural Compressor 3.x ships a Hessian-trace sensitivity (INC 2.x's HAWQ-V2 tuning strategy is
 gone from 3.x), so steps 1-4 are written here; the quantizers themselves are ORT's.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from compress.stages.base import OnnxContext, StageError, file_bytes
+from compress.core.fs import file_bytes
+from compress.core.models import linear_layers
+from compress.stages.base import OnnxContext, StageError
+from compress.stages.distil import distil_loss, student_outputs
+from compress.stages.grids import check_block_size, int4_table, int4_weight, int8_weight
+from compress.stages.int4 import Int4Format
+from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
+from export.int4_pack import layer_nodes, pack_int4
+from runtimes.profiler import ProfileConfig, Shape, measure_latency
 
-CANDIDATES = ("int8-dynamic", "int8-qdq", "int4-weights")   # names as in profiles/*.toml `precisions`
+CANDIDATES = ("int8-dynamic", "int8-qdq", "int4-weights")  # names as in profiles/*.toml `precisions`
 ORDERINGS = ("augmented", "hessian")
 
 
 @dataclass(frozen=True)
 class MixedQuant:
-    max_drop: float = 0.5              # budget: drop of the search metric, points (or % of it when relative)
-    min_drop: float = 0.0              # a probe whose drop lies in [min_drop, max_drop] ends the search early
-    relative: bool = False             # budget in % of the float model's score instead of absolute points
-    candidates: tuple[str, ...] = ("int8-dynamic", "int4-weights")   # mild -> aggressive; float is implicit
-    ordering: str = "augmented"        # augmented | hessian (plain HAWQ-V2 omega)
-    hutchinson_samples: int = 32       # Rademacher vectors for the trace estimate
-    calibration_samples: int = 64      # calibration sentences for the traces and the context measurements
+    max_drop: float = 0.5  # budget: drop of the search metric, points (or % of it when relative)
+    min_drop: float = 0.0  # a probe whose drop lies in [min_drop, max_drop] ends the search early
+    relative: bool = False  # budget in % of the float model's score instead of absolute points
+    candidates: tuple[str, ...] = ("int8-dynamic", "int4-weights")  # mild -> aggressive; float is implicit
+    ordering: str = "augmented"  # augmented | hessian (plain HAWQ-V2 omega)
+    hutchinson_samples: int = 32  # Rademacher vectors for the trace estimate
+    calibration_samples: int = 64  # calibration sentences for the traces and the context measurements
     seed: int = 0
-    block_size: int = 32               # int4 weights per scale (MatMulNBits)
-    accuracy_level: int = 4            # MatMulNBits compute type: 4 = int8 activations (fast on x86), 0 = fp32
-    latency_aware: bool = False        # time the feasible probes on this host and keep the fastest
+    block_size: int = 32  # int4 weights per scale (MatMulNBits)
+    accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86), 0 = fp32
+    latency_aware: bool = False  # time the feasible probes on this host and keep the fastest
     latency_runs: int = 20
-    measure_alone: bool = False        # also evaluate each layer alone at the most aggressive candidate (L more evals)
-    layers: tuple[str, ...] = ("*encoder*",)   # fnmatch patterns over nn.Linear module names
-    embeddings: bool = True            # the word-embedding table joins the search (int8 Gather / int4 GatherBlockQuantized)
+    measure_alone: bool = False  # also evaluate each layer alone at the most aggressive candidate (L more evals)
+    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch patterns over nn.Linear module names
+    embeddings: bool = True  # the word-embedding table joins the search (int8 Gather / int4 GatherBlockQuantized)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_drop <= self.max_drop:
-            raise StageError(f"quant.mixed: need 0 <= min_drop <= max_drop, got min_drop={self.min_drop}, "
-                             f"max_drop={self.max_drop}")
+            raise StageError(
+                f"quant.mixed: need 0 <= min_drop <= max_drop, got min_drop={self.min_drop}, max_drop={self.max_drop}"
+            )
         if self.ordering not in ORDERINGS:
             raise StageError(f"quant.mixed: ordering='{self.ordering}' is not one of {', '.join(ORDERINGS)}")
         bad = [c for c in self.candidates if c not in CANDIDATES]
@@ -74,8 +84,29 @@ class MixedQuant:
             raise StageError("quant.mixed: list each precision once and one int8 flavour (int8-dynamic or int8-qdq)")
         if self.hutchinson_samples < 1 or self.calibration_samples < 1:
             raise StageError("quant.mixed: hutchinson_samples and calibration_samples must be >= 1")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise StageError(f"quant.mixed: block_size={self.block_size} must be one of 16, 32, 64, 128, 256")
+        check_block_size("quant.mixed", self.block_size)
+
+    @staticmethod
+    def parse_override(key: str, text: str) -> dict:
+        """The budget from the command line (compress.recipe.apply_overrides): points ("0.3") or a percentage of
+        the float score ("0.5%"), which sets ``relative`` too."""
+        if key not in ("max_drop", "min_drop"):
+            return {}
+        value, relative = parse_drop(text, "--" + key.replace("_", "-"))
+        return {key: value, "relative": relative}
+
+
+def parse_drop(text: str, flag: str) -> tuple[float, bool]:
+    """ "0.3" -> (0.3, absolute points); "0.5%" -> (0.5, relative to the float score)."""
+    raw = text.strip()
+    relative = raw.endswith("%")
+    try:
+        value = float(raw.rstrip("%"))
+    except ValueError:
+        raise StageError(f"{flag} {text!r} is not a number: pass points (0.3) or a percentage (0.5%)") from None
+    if not value >= 0:
+        raise StageError(f"{flag} {text!r} must be >= 0: it is the accuracy drop you accept")
+    return value, relative
 
 
 def ladder(cfg: MixedQuant) -> tuple[str, ...]:
@@ -84,6 +115,7 @@ def ladder(cfg: MixedQuant) -> tuple[str, ...]:
 
 
 # ---- the deployed grids, simulated in torch --------------------------------------------------------------
+
 
 def is_embedding(mod) -> bool:
     import torch
@@ -95,41 +127,6 @@ def onnx_weight(mod) -> np.ndarray:
     """The weight as the exported op holds it: MatMul B = W^T (K, N) for a Linear, Gather data (V, H) for an embedding."""
     w = mod.weight.detach().float()
     return (w if is_embedding(mod) else w.T).numpy()
-
-
-def int8_weight(w, per_channel: bool = True):
-    """Symmetric int8 as ORT quantizes weights (range from get_qmin_qmax_for_qType): per output channel for
-    MatMul weights, per tensor for a Gather's table."""
-    import onnx
-    import torch
-    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
-
-    qmin, qmax = (float(v) for v in get_qmin_qmax_for_qType(onnx.TensorProto.INT8, symmetric=True))
-    absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().max()
-    scale = (absmax * 2 / (qmax - qmin)).clamp(min=1e-12)
-    return torch.clamp(torch.round(w / scale), qmin, qmax) * scale
-
-
-def int4_weight(w, block_size: int):
-    """MatMulNBits' grid (ORT's C++ kernel) on a Linear's (out, in) weight: blocks along the input dim."""
-    import torch
-
-    from compress.stages.int4 import ort_int4_roundtrip
-
-    return torch.from_numpy(ort_int4_roundtrip(w.detach().float().T.numpy(), block_size, False)).T.to(w.dtype)
-
-
-def int4_table(w, block_size: int):
-    """GatherBlockQuantized's grid on an embedding table (V, H): ORT's own quantize_ndarray, blocks along H."""
-    import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
-
-    data = w.detach().float().numpy()
-    packed, scales, zp = DefaultWeightOnlyQuantizer.quantize_ndarray(data, 1, block_size, False)
-    q = np.stack([packed & 0xF, packed >> 4], -1).reshape(-1)[:data.size].reshape(data.shape).astype(np.float32)
-    z = np.stack([zp & 0xF, zp >> 4], -1).reshape(-1)[:scales.size].reshape(scales.shape).astype(np.float32)
-    deq = (q.reshape(data.shape[0], -1, block_size) - z[..., None]) * scales[..., None]
-    return torch.from_numpy(deq.reshape(data.shape)).to(w.dtype)
 
 
 def quantized_weight(mod, precision: str, cfg: MixedQuant):
@@ -182,10 +179,13 @@ class Simulated:
                     self.cache[key] = quantized_weight(mod, prec, self.cfg).clone()
                 self._saved[name] = mod.weight.data
                 mod.weight.data = self.cache[key]
-                if is_embedding(mod):          # a quantized table gathers exact dequantized rows
+                if is_embedding(mod):  # a quantized table gathers exact dequantized rows
                     continue
-                self._hooks.append(mod.register_forward_pre_hook(
-                    lambda m, args, p=prec: (_fake_quant_input(args[0], p, self.cfg),) + tuple(args[1:])))
+                self._hooks.append(
+                    mod.register_forward_pre_hook(
+                        lambda m, args, p=prec: (_fake_quant_input(args[0], p, self.cfg),) + tuple(args[1:])
+                    )
+                )
         return self
 
     def __exit__(self, *exc):
@@ -198,20 +198,21 @@ class Simulated:
 
 # ---- sensitivities ---------------------------------------------------------------------------------------
 
+
 def _batches(lm, texts: list[str], size: int = 16) -> list[dict]:
-    return [lm.tokenizer(texts[i:i + size], padding=True, truncation=True, max_length=lm.max_length,
-                         return_tensors="pt") for i in range(0, len(texts), size)]
+    return [
+        lm.tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt")
+        for i in range(0, len(texts), size)
+    ]
 
 
 def _outputs(lm, enc):
-    from compress.stages.distil import student_outputs
 
     return student_outputs(lm, enc)
 
 
 def _distance(out, ref, task: str):
     """Distillation loss / output change against the original outputs (the same as the pruning recovery)."""
-    from compress.stages.distil import distil_loss
 
     return distil_loss(out, ref, task)
 
@@ -264,8 +265,15 @@ class Move:
     score: float = 0.0
 
     def as_dict(self) -> dict:
-        return {"layer": self.layer, "from": self.src, "to": self.dst, "bytes_saved": self.bytes_saved,
-                "omega": self.omega, "context": self.context, "score": self.score}
+        return {
+            "layer": self.layer,
+            "from": self.src,
+            "to": self.dst,
+            "bytes_saved": self.bytes_saved,
+            "omega": self.omega,
+            "context": self.context,
+            "score": self.score,
+        }
 
 
 def weight_bytes(k: int, n: int, precision: str, block_size: int, per_channel: bool = True) -> int:
@@ -281,7 +289,7 @@ def weight_bytes(k: int, n: int, precision: str, block_size: int, per_channel: b
 
 
 def stored_bytes(mod, precision: str, cfg: MixedQuant) -> int:
-    rows, cols = mod.weight.shape       # Linear (out, in): K = in, N = out; embedding (V, H): K = H, N = V
+    rows, cols = mod.weight.shape  # Linear (out, in): K = in, N = out; embedding (V, H): K = H, N = V
     return weight_bytes(cols, rows, precision, cfg.block_size, per_channel=not is_embedding(mod))
 
 
@@ -318,14 +326,25 @@ def rank_moves(cfg: MixedQuant, lm, layers: dict, texts: list[str], progress) ->
                 err_src = float(((quantized_weight(mod, src, cfg) - w) ** 2).sum())
             curvature = traces[name]["trace"] / w.numel()
             ctx_change = _context_change(lm, layers, batches, refs, {**context_assignment, name: dst}, cache, cfg)
-            cls.append(Move(name, src, dst, stored_bytes(mod, src, cfg) - stored_bytes(mod, dst, cfg),
-                            omega=max(curvature, 0.0) * max(err_dst - err_src, 0.0), context=ctx_change))
+            cls.append(
+                Move(
+                    name,
+                    src,
+                    dst,
+                    stored_bytes(mod, src, cfg) - stored_bytes(mod, dst, cfg),
+                    omega=max(curvature, 0.0) * max(err_dst - err_src, 0.0),
+                    context=ctx_change,
+                )
+            )
         base = _context_change(lm, layers, batches, refs, context_assignment, cache, cfg) if src != "float" else 0.0
         for m in cls:
-            m.context = m.context - base          # the move's own share, not the context's
+            m.context = m.context - base  # the move's own share, not the context's
         moves += cls
-    info = {"traces": traces, "hessian_seconds": round(t_hessian, 1),
-            "context_seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "traces": traces,
+        "hessian_seconds": round(t_hessian, 1),
+        "context_seconds": round(time.perf_counter() - t0, 1),
+    }
     return order_moves(moves, cfg.ordering), info
 
 
@@ -344,7 +363,7 @@ def order_moves(moves: list[Move], ordering: str) -> list[Move]:
             # at 5% of the class mean so the geometric mean does not erase the Hessian's signal.
             ctx_hat = max(m.context / mc, 0.05)
             sens = m.omega / mo if ordering == "hessian" else float(np.sqrt((m.omega / mo) * ctx_hat))
-            m.score = sens / max(m.bytes_saved, 1) * 1e6        # sensitivity per MB saved
+            m.score = sens / max(m.bytes_saved, 1) * 1e6  # sensitivity per MB saved
         out += sorted(cls, key=lambda m: m.score)
     return out
 
@@ -363,15 +382,23 @@ def assignment_after(layers, moves: list[Move], k: int) -> dict[str, str]:
 
 # ---- building and scoring the ONNX model -----------------------------------------------------------------
 
-def build_onnx(src: Path, dst: Path, layers: dict, assignment: dict[str, str], node_of: dict[str, str],
-               cfg: MixedQuant, ctx: OnnxContext) -> Path:
-    """One ONNX model holding the assignment: MatMulNBits where int4, int8 (dynamic or QDQ) where int8."""
-    from compress.stages.int4 import Int4Format
-    from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
-    from export.int4_pack import pack_int4
 
-    int4 = {n: (onnx_weight(layers[n]), Int4Format(cfg.block_size, False, cfg.accuracy_level))
-            for n, p in assignment.items() if p.startswith("int4")}
+def build_onnx(
+    src: Path,
+    dst: Path,
+    layers: dict,
+    assignment: dict[str, str],
+    node_of: dict[str, str],
+    cfg: MixedQuant,
+    ctx: OnnxContext,
+) -> Path:
+    """One ONNX model holding the assignment: MatMulNBits where int4, int8 (dynamic or QDQ) where int8."""
+
+    int4 = {
+        n: (onnx_weight(layers[n]), Int4Format(cfg.block_size, False, cfg.accuracy_level))
+        for n, p in assignment.items()
+        if p.startswith("int4")
+    }
     int8 = {node_of[n] for n, p in assignment.items() if p.startswith("int8")}
     current = src
     if int4:
@@ -402,10 +429,10 @@ class Search:
     """What the bisection saw; every probe is a real ONNX model scored by the pipeline's evaluator."""
 
     base_score: float
-    budget: tuple[float, float]               # (min_drop, max_drop) in points of the metric
+    budget: tuple[float, float]  # (min_drop, max_drop) in points of the metric
     trajectory: list[dict] = field(default_factory=list)
-    seen: set = field(default_factory=set)    # distinct assignments this search needed scored
-    models: dict = field(default_factory=dict)   # frozenset(assignment) -> (path, score, bytes); may be shared
+    seen: set = field(default_factory=set)  # distinct assignments this search needed scored
+    models: dict = field(default_factory=dict)  # frozenset(assignment) -> (path, score, bytes); may be shared
 
 
 def _probe(k: int, moves, layers, node_of, src: Path, work: Path, cfg, ctx, search: Search, progress) -> dict:
@@ -421,11 +448,20 @@ def _probe(k: int, moves, layers, node_of, src: Path, work: Path, cfg, ctx, sear
     path, score, size = search.models[key]
     drop = search.base_score - score
     counts = {p: sum(v == p for v in a.values()) for p in ladder(cfg)}
-    row = {"k": k, "score": round(score, 4), "drop": round(drop, 4), "bytes": size, "layers": counts,
-           "feasible": drop <= search.budget[1], "path": str(path)}
+    row = {
+        "k": k,
+        "score": round(score, 4),
+        "drop": round(drop, 4),
+        "bytes": size,
+        "layers": counts,
+        "feasible": drop <= search.budget[1],
+        "path": str(path),
+    }
     search.trajectory.append(row)
-    progress(f"quant.mixed: probe {len(search.trajectory)}: k={k}/{len(moves)} {counts} drop {drop:+.3f} "
-             f"({'inside' if row['feasible'] else 'outside'} budget)")
+    progress(
+        f"quant.mixed: probe {len(search.trajectory)}: k={k}/{len(moves)} {counts} drop {drop:+.3f} "
+        f"({'inside' if row['feasible'] else 'outside'} budget)"
+    )
     return row
 
 
@@ -434,8 +470,8 @@ def bisect(n_moves: int, probe: Callable[[int], dict], budget: tuple[float, floa
     With min_drop > 0 the range is a tolerance band: the first probe inside [min_drop, max_drop] ends the search.
     ``probe(k)`` builds and scores configuration k and returns {"drop", "feasible"}. Assumes the drop grows with
     k; the trajectory in the report lets users check that it did. ceil(log2(n_moves + 1)) + 1 probes at most."""
-    lo, hi = 0, n_moves + 1            # lo: known feasible; hi: known infeasible (n + 1: none known yet)
-    k = n_moves                        # try everything first: one evaluation when the budget is generous
+    lo, hi = 0, n_moves + 1  # lo: known feasible; hi: known infeasible (n + 1: none known yet)
+    k = n_moves  # try everything first: one evaluation when the budget is generous
     while True:
         row = probe(k)
         if row["feasible"]:
@@ -455,12 +491,12 @@ def class_boundaries(moves: list[Move]) -> list[int]:
 
 
 def _latency_pick(rows: list[dict], cfg: MixedQuant, progress) -> tuple[dict, list[dict]]:
-    from runtimes.profiler import ProfileConfig, Shape, measure_latency
 
     feasible = list({r["k"]: r for r in rows if r["feasible"]}.values())
     progress(f"quant.mixed: timing {len(feasible)} feasible probes interleaved (latency-aware)")
-    lat = measure_latency({f"k{r['k']}": Path(r["path"]) for r in feasible},
-                          ProfileConfig(shapes=(Shape(1, 128),), runs=cfg.latency_runs))
+    lat = measure_latency(
+        {f"k{r['k']}": Path(r["path"]) for r in feasible}, ProfileConfig(shapes=(Shape(1, 128),), runs=cfg.latency_runs)
+    )
     for r in feasible:
         r["p50_ms"] = round(lat[f"k{r['k']}"][0].p50_ms, 3)
     best = min(feasible, key=lambda r: (r["p50_ms"], -r["k"]))
@@ -484,36 +520,41 @@ def apply_mixed(cfg: MixedQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict
 def plan_search(cfg: MixedQuant, src: Path, ctx: OnnxContext) -> Plan:
     import onnx
 
-    from compress.models import linear_layers
-    from export.int4_pack import layer_nodes
-
     if ctx.torch_model is None or ctx.scorer is None:
         raise StageError("quant.mixed needs the torch model and an evaluator: run it through `compress run`")
     lm = ctx.torch_model
     progress = ctx.progress or (lambda msg: None)
-    missing = [c for c in cfg.candidates if ctx.precisions and c not in ctx.precisions]
-    if missing:
-        raise StageError(f"quant.mixed: the target does not support {', '.join(missing)} (it lists "
-                         f"{', '.join(ctx.precisions)}): set candidates to those")
     layers = {n: m for n, m in linear_layers(lm, cfg.layers).items() if m.in_features % 2 == 0}
     if not layers:
-        raise StageError(f"quant.mixed: no nn.Linear matches {list(cfg.layers)}: set layers to patterns of module names")
+        raise StageError(
+            f"quant.mixed: no nn.Linear matches {list(cfg.layers)}: set layers to patterns of module names"
+        )
     if cfg.embeddings:
         layers = {**word_embeddings(lm), **layers}
     node_of = layer_nodes(onnx.load(str(src)), {n: onnx_weight(m) for n, m in layers.items()})
     lost = sorted(set(layers) - set(node_of))
     if lost:
-        raise StageError(f"quant.mixed: no MatMul in the export for {len(lost)} layer(s), e.g. {lost[0]}: "
-                         "narrow `layers` to the model's Linear layers")
-    texts = list(ctx.calibration_texts[:cfg.calibration_samples])
+        raise StageError(
+            f"quant.mixed: no MatMul in the export for {len(lost)} layer(s), e.g. {lost[0]}: "
+            "narrow `layers` to the model's Linear layers"
+        )
+    texts = list(ctx.calibration_texts[: cfg.calibration_samples])
     if not texts:
         raise StageError("quant.mixed needs calibration text: pass --data FILE or keep the shipped sentences")
     moves, info = rank_moves(cfg, lm, layers, texts, progress)
     return Plan(layers, node_of, moves, info)
 
 
-def run_search(cfg: MixedQuant, plan: Plan, src: Path, dst: Path, ctx: OnnxContext, work: Path | None = None,
-               models: dict | None = None, base: float | None = None) -> dict:
+def run_search(
+    cfg: MixedQuant,
+    plan: Plan,
+    src: Path,
+    dst: Path,
+    ctx: OnnxContext,
+    work: Path | None = None,
+    models: dict | None = None,
+    base: float | None = None,
+) -> dict:
     """Bisection (and the latency-aware pick) over a plan; writes the chosen model to dst and returns the account.
     ``work`` / ``models`` / ``base`` let several searches share built and scored models (benchmarks)."""
     import shutil
@@ -527,12 +568,18 @@ def run_search(cfg: MixedQuant, plan: Plan, src: Path, dst: Path, ctx: OnnxConte
     try:
         base = ctx.scorer.score(src) if base is None else base
         scale = abs(base) / 100 if cfg.relative else 1.0
-        search = Search(base_score=base, budget=(cfg.min_drop * scale, cfg.max_drop * scale),
-                        models=models if models is not None else {})
+        search = Search(
+            base_score=base,
+            budget=(cfg.min_drop * scale, cfg.max_drop * scale),
+            models=models if models is not None else {},
+        )
         t0 = time.perf_counter()
-        k = bisect(len(moves), lambda k: _probe(k, moves, layers, node_of, src, work, cfg, ctx, search, progress),
-                   search.budget)
-        evaluations = len(search.seen) + 1                # distinct models scored + the float model
+        k = bisect(
+            len(moves),
+            lambda k: _probe(k, moves, layers, node_of, src, work, cfg, ctx, search, progress),
+            search.budget,
+        )
+        evaluations = len(search.seen) + 1  # distinct models scored + the float model
         chosen = next((r for r in search.trajectory if r["k"] == k), None)
         timed: list[dict] = []
         if cfg.latency_aware and k > 0:
@@ -545,7 +592,7 @@ def run_search(cfg: MixedQuant, plan: Plan, src: Path, dst: Path, ctx: OnnxConte
             chosen, timed = _latency_pick(search.trajectory, cfg, progress)
             k = chosen["k"]
         assignment = assignment_after(layers, moves, k)
-        if chosen is None:       # k = 0: nothing fits the budget: the float model, said plainly
+        if chosen is None:  # k = 0: nothing fits the budget: the float model, said plainly
             shutil.copy2(src, dst)
         else:
             shutil.copy2(chosen["path"], dst)
@@ -557,25 +604,39 @@ def run_search(cfg: MixedQuant, plan: Plan, src: Path, dst: Path, ctx: OnnxConte
 
     per_layer = _per_layer(cfg, layers, moves, info["traces"], assignment, alone)
     first_bad = next((r for r in search.trajectory if not r["feasible"]), None)
-    breaking = [m.layer + f" ({m.src}->{m.dst})" for m in moves[k:k + 3]] if k < len(moves) else []
-    verdict = ("every layer took the most aggressive candidate inside the budget" if k == len(moves) else
-               "no layer could be quantized inside the budget: the float model is kept" if k == 0 else
-               f"{k} of {len(moves)} moves fit the budget")
+    breaking = [m.layer + f" ({m.src}->{m.dst})" for m in moves[k : k + 3]] if k < len(moves) else []
+    verdict = (
+        "every layer took the most aggressive candidate inside the budget"
+        if k == len(moves)
+        else "no layer could be quantized inside the budget: the float model is kept"
+        if k == 0
+        else f"{k} of {len(moves)} moves fit the budget"
+    )
     for r in search.trajectory:
         r.pop("path", None)
     return {
-        "metric": ctx.scorer.name, "base_score": round(base, 4), "budget_points": [round(v, 4) for v in search.budget],
-        "ordering": cfg.ordering, "moves_applied": k, "moves_total": len(moves), "verdict": verdict,
+        "metric": ctx.scorer.name,
+        "base_score": round(base, 4),
+        "budget_points": [round(v, 4) for v in search.budget],
+        "ordering": cfg.ordering,
+        "moves_applied": k,
+        "moves_total": len(moves),
+        "verdict": verdict,
         "chosen_drop": None if chosen is None else chosen["drop"],
         "within_budget": chosen is None or chosen["feasible"],
         "next_moves_that_break_budget": breaking if first_bad else [],
-        "evaluations": evaluations, "latency_timed": [{"k": r["k"], "p50_ms": r["p50_ms"]} for r in timed],
+        "evaluations": evaluations,
+        "latency_timed": [{"k": r["k"], "p50_ms": r["p50_ms"]} for r in timed],
         "layers": {p: sum(v == p for v in assignment.values()) for p in ladder(cfg)},
-        "bytes_before": file_bytes(src), "bytes": file_bytes(dst),
-        "hessian_seconds": info["hessian_seconds"], "context_seconds": info["context_seconds"],
+        "bytes_before": file_bytes(src),
+        "bytes": file_bytes(dst),
+        "hessian_seconds": info["hessian_seconds"],
+        "context_seconds": info["context_seconds"],
         "search_seconds": round(search_seconds, 1),
         "seconds": round(time.perf_counter() - t_start + info["hessian_seconds"] + info["context_seconds"], 1),
-        "trajectory": search.trajectory, "per_layer": per_layer, "order": [m.as_dict() for m in moves],
+        "trajectory": search.trajectory,
+        "per_layer": per_layer,
+        "order": [m.as_dict() for m in moves],
     }
 
 
@@ -597,8 +658,13 @@ def _per_layer(cfg, layers, moves, traces, assignment, alone) -> list[dict]:
         by_layer.setdefault(m.layer, {})[m.dst] = m
     rows = []
     for name, mod in layers.items():
-        row = {"layer": name, "trace": round(traces[name]["trace"], 6), "trace_stderr": round(traces[name]["stderr"], 6),
-               "precision": assignment[name], "bytes": stored_bytes(mod, assignment[name], cfg)}
+        row = {
+            "layer": name,
+            "trace": round(traces[name]["trace"], 6),
+            "trace_stderr": round(traces[name]["stderr"], 6),
+            "precision": assignment[name],
+            "bytes": stored_bytes(mod, assignment[name], cfg),
+        }
         for dst, m in by_layer.get(name, {}).items():
             row[f"omega_{dst}"] = float(f"{m.omega:.4g}")
             row[f"context_{dst}"] = float(f"{m.context:.4g}")

@@ -22,11 +22,13 @@ pruned weights and keeps them zero after every optimizer step, so what it trains
 Recovery is distillation from the original model (compress/stages/distil.py, shared with prune.gradual).
 The masked forward is a ``torch.nn.utils.parametrize`` parametrization of each Linear's weight.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from compress.core.models import linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import distil_train
 
@@ -39,31 +41,38 @@ SCHEDULES = ("stepwise", "geometric")
 class NMPrune:
     n: int = 2
     m: int = 4
-    method: str = "oneshot"                     # oneshot | mdgf | sdgf | srste
-    steps: int = 0                              # optimizer steps; oneshot: recovery steps after the cut (0: none)
-    dense_fraction: float = 0.1                 # share of steps trained dense first (mdgf / sdgf / srste)
-    finetune_fraction: float = 0.2              # share of steps at the end with a fixed binary mask
-    decay: str = "exponential"                  # mdgf: linear | exponential
-    decay_rate: float = 0.0                     # mdgf k; 0: rescaled to the decay phase (1/T linear, 5/T exponential)
-    schedule: str = "stepwise"                  # sdgf: stepwise | geometric
-    srste_lambda: float = 2e-4                  # srste: weight of the (1 - m) * W gradient term
-    masked_gradient: bool = False               # exact gradient through the mask instead of straight-through
+    method: str = "oneshot"  # oneshot | mdgf | sdgf | srste
+    steps: int = 0  # optimizer steps; oneshot: recovery steps after the cut (0: none)
+    dense_fraction: float = 0.1  # share of steps trained dense first (mdgf / sdgf / srste)
+    finetune_fraction: float = 0.2  # share of steps at the end with a fixed binary mask
+    decay: str = "exponential"  # mdgf: linear | exponential
+    decay_rate: float = 0.0  # mdgf k; 0: rescaled to the decay phase (1/T linear, 5/T exponential)
+    schedule: str = "stepwise"  # sdgf: stepwise | geometric
+    srste_lambda: float = 2e-4  # srste: weight of the (1 - m) * W gradient term
+    masked_gradient: bool = False  # exact gradient through the mask instead of straight-through
     learning_rate: float = 5e-5
     batch_size: int = 16
-    layers: tuple[str, ...] = ("*encoder*",)   # fnmatch patterns over nn.Linear module names
+    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch patterns over nn.Linear module names
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.m < 2 or not 1 <= self.n < self.m:
             raise StageError(f"prune.nm: need 1 <= n < m and m >= 2, got n={self.n}, m={self.m}")
-        for key, value, valid in (("method", self.method, METHODS), ("decay", self.decay, DECAYS),
-                                  ("schedule", self.schedule, SCHEDULES)):
+        for key, value, valid in (
+            ("method", self.method, METHODS),
+            ("decay", self.decay, DECAYS),
+            ("schedule", self.schedule, SCHEDULES),
+        ):
             if value not in valid:
                 raise StageError(f"prune.nm: {key} '{value}' is not available; valid: {', '.join(valid)}")
-        if not (0.0 <= self.dense_fraction <= 1.0 and 0.0 <= self.finetune_fraction <= 1.0) \
-                or self.dense_fraction + self.finetune_fraction > 1.0:
-            raise StageError(f"prune.nm: dense_fraction={self.dense_fraction} and finetune_fraction="
-                             f"{self.finetune_fraction} must each be in [0, 1] and sum to <= 1")
+        if (
+            not (0.0 <= self.dense_fraction <= 1.0 and 0.0 <= self.finetune_fraction <= 1.0)
+            or self.dense_fraction + self.finetune_fraction > 1.0
+        ):
+            raise StageError(
+                f"prune.nm: dense_fraction={self.dense_fraction} and finetune_fraction="
+                f"{self.finetune_fraction} must each be in [0, 1] and sum to <= 1"
+            )
         if self.steps < 0 or (self.method != "oneshot" and self.steps < 1):
             raise StageError(f"prune.nm: method '{self.method}' trains: set steps >= 1 (e.g. 400), got {self.steps}")
         if self.decay_rate < 0 or self.srste_lambda < 0 or self.learning_rate <= 0 or self.batch_size < 1:
@@ -88,12 +97,13 @@ def satisfies_nm(w, n: int, m: int) -> bool:
 
 # ---- schedules -----------------------------------------------------------------------------------------
 
+
 def phases(cfg: NMPrune) -> tuple[int, int, int]:
     """(dense, decay, fine-tune) step counts; oneshot is all fine-tune."""
     if cfg.method == "oneshot":
         return 0, 0, cfg.steps
     finetune = round(cfg.finetune_fraction * cfg.steps)
-    dense = min(round(cfg.dense_fraction * cfg.steps), cfg.steps - finetune)   # fraction x steps, not / 100
+    dense = min(round(cfg.dense_fraction * cfg.steps), cfg.steps - finetune)  # fraction x steps, not / 100
     return dense, cfg.steps - dense - finetune, finetune
 
 
@@ -122,6 +132,7 @@ def sdgf_frame(t: int, decay_steps: int, frames: list[tuple[int, int]]) -> tuple
 
 # ---- the masked forward --------------------------------------------------------------------------------
 
+
 def attach(mod, state: dict):
     """Parametrize ``mod.weight`` as W_eff = W * state['factor'] (None: dense), straight-through unless
     state['exact']; add SR-STE's ``state['lam'] * (1 - state['mask']) * W`` to the dense weight's gradient.
@@ -136,7 +147,7 @@ def attach(mod, state: dict):
                 return w
             if state["exact"]:
                 return w * f
-            return w + (w * f - w).detach()          # value W*f, gradient dL/dW_eff (straight-through)
+            return w + (w * f - w).detach()  # value W*f, gradient dL/dW_eff (straight-through)
 
     parametrize.register_parametrization(mod, "weight", NMWeight())
     w = mod.parametrizations.weight.original
@@ -160,24 +171,27 @@ def _train(cfg: NMPrune, lm, ctx: TorchContext, layers: dict) -> dict:
         if step < dense_steps:
             return status
         with torch.no_grad():
-            if step >= dense_steps + decay_steps:                               # fine-tune: fixed binary mask
+            if step >= dense_steps + decay_steps:  # fine-tune: fixed binary mask
                 if step == dense_steps + decay_steps:
                     for name, mod in layers.items():
                         st, w = states[name], dense(mod)
                         st["mask"] = nm_mask(w, cfg.n, cfg.m)
                         w.mul_(st["mask"])
-                        st.update(factor=st["mask"].to(w.dtype), exact=True, lam=0.0)   # masked gradient
+                        st.update(factor=st["mask"].to(w.dtype), exact=True, lam=0.0)  # masked gradient
                 return {"phase": "finetune", "sparsity": round(1 - cfg.n / cfg.m, 4)}
-            t = step - dense_steps                                              # steps since decay began
+            t = step - dense_steps  # steps since decay began
             a_t = decay_factor(t, decay_steps, cfg.decay, cfg.decay_rate) if cfg.method == "mdgf" else 0.0
             pattern = sdgf_frame(t, decay_steps, frames) if cfg.method == "sdgf" else (cfg.n, cfg.m)
             for name, mod in layers.items():
                 st, w = states[name], dense(mod)
                 n, m = pattern if w.shape[1] % pattern[1] == 0 else (cfg.n, cfg.m)
-                st["mask"] = nm_mask(w, n, m)                                   # from the dense weights, every step
+                st["mask"] = nm_mask(w, n, m)  # from the dense weights, every step
                 keep = st["mask"].to(w.dtype)
-                st.update(factor=keep + a_t * (1 - keep), exact=cfg.masked_gradient,
-                          lam=cfg.srste_lambda if cfg.method == "srste" else 0.0)
+                st.update(
+                    factor=keep + a_t * (1 - keep),
+                    exact=cfg.masked_gradient,
+                    lam=cfg.srste_lambda if cfg.method == "srste" else 0.0,
+                )
         status = {"phase": "decay", "sparsity": round(1 - pattern[0] / pattern[1], 4)}
         if cfg.method == "mdgf":
             status["a_t"] = round(a_t, 4)
@@ -186,27 +200,23 @@ def _train(cfg: NMPrune, lm, ctx: TorchContext, layers: dict) -> dict:
         return status
 
     def after_step(step: int) -> None:
-        if step >= dense_steps + decay_steps:                                   # keep pruned weights at zero
+        if step >= dense_steps + decay_steps:  # keep pruned weights at zero
             with torch.no_grad():
                 for name, mod in layers.items():
                     dense(mod).mul_(states[name]["mask"])
 
     try:
-        training = distil_train(lm, ctx, stage="prune.nm", steps=cfg.steps, learning_rate=cfg.learning_rate,
-                                batch_size=cfg.batch_size, seed=cfg.seed, before_step=before_step,
-                                after_step=after_step)
+        training = distil_train(lm, ctx, cfg, "prune.nm", cfg.steps, before_step, after_step)
     finally:
         for hook in hooks:
             hook.remove()
         for mod in layers.values():
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)   # back to the dense W
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)  # back to the dense W
     return {**training, "phases": {"dense": dense_steps, "decay": decay_steps, "finetune": finetune_steps}}
 
 
 def apply_nm(cfg: NMPrune, lm, ctx: TorchContext):
     import torch
-
-    from compress.models import linear_layers
 
     matched = linear_layers(lm, cfg.layers)
     if not matched:
@@ -222,15 +232,28 @@ def apply_nm(cfg: NMPrune, lm, ctx: TorchContext):
     with torch.no_grad():
         for name, mod in matched.items():
             if name not in layers:
-                per_layer.append({"layer": name, "skipped": f"in_features {mod.in_features} not divisible by m={cfg.m}"})
+                per_layer.append(
+                    {"layer": name, "skipped": f"in_features {mod.in_features} not divisible by m={cfg.m}"}
+                )
                 continue
-            mask = nm_mask(mod.weight, cfg.n, cfg.m)       # the final cut (a no-op after a fine-tune phase)
+            mask = nm_mask(mod.weight, cfg.n, cfg.m)  # the final cut (a no-op after a fine-tune phase)
             mod.weight.mul_(mask)
-            per_layer.append({"layer": name, "sparsity": round(float((mod.weight == 0).float().mean()), 4),
-                              "pattern": f"{cfg.n}:{cfg.m}", "pattern_ok": satisfies_nm(mod.weight, cfg.n, cfg.m),
-                              "mask_changed_vs_oneshot": round(float((mask != oneshot[name]).float().mean()), 4)})
+            per_layer.append(
+                {
+                    "layer": name,
+                    "sparsity": round(float((mod.weight == 0).float().mean()), 4),
+                    "pattern": f"{cfg.n}:{cfg.m}",
+                    "pattern_ok": satisfies_nm(mod.weight, cfg.n, cfg.m),
+                    "mask_changed_vs_oneshot": round(float((mask != oneshot[name]).float().mean()), 4),
+                }
+            )
     done = [r for r in per_layer if "pattern_ok" in r]
-    return lm, {"method": cfg.method, "layers": len(done), "all_patterns_ok": all(r["pattern_ok"] for r in done),
-                "expected_speedup": "none on ORT CPU (no sparse kernels): size win only after compression; "
-                                    "2:4 is accelerated by TensorRT sparse weights on NVIDIA Ampere+",
-                "per_layer": per_layer, **training}
+    return lm, {
+        "method": cfg.method,
+        "layers": len(done),
+        "all_patterns_ok": all(r["pattern_ok"] for r in done),
+        "expected_speedup": "none on ORT CPU (no sparse kernels): size win only after compression; "
+        "2:4 is accelerated by TensorRT sparse weights on NVIDIA Ampere+",
+        "per_layer": per_layer,
+        **training,
+    }

@@ -13,10 +13,12 @@ Granularities:
 - ``head``: whole attention heads (Q/K/V rows and the output columns of a head), scored by the norms of
   those slices, removed with transformers' own ``prune_heads`` before export.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from compress.core.models import linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import distil_train
 
@@ -27,14 +29,14 @@ GRANULARITIES = ("unstructured", "channel", "head")
 class GradualPrune:
     final_sparsity: float = 0.5
     initial_sparsity: float = 0.0
-    granularity: str = "unstructured"           # unstructured | channel | head
+    granularity: str = "unstructured"  # unstructured | channel | head
     begin_step: int = 0
-    end_step: int = 300                         # last pruning update; steps after it recover at s_f
-    frequency: int = 25                         # Δt: steps between mask updates
+    end_step: int = 300  # last pruning update; steps after it recover at s_f
+    frequency: int = 25  # Δt: steps between mask updates
     total_steps: int = 400
     learning_rate: float = 5e-5
     batch_size: int = 16
-    layers: tuple[str, ...] = ("*encoder*",)   # fnmatch over nn.Linear names (unstructured only)
+    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch over nn.Linear names (unstructured only)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,7 +45,9 @@ class GradualPrune:
         if not 0.0 <= self.initial_sparsity <= self.final_sparsity:
             raise StageError(f"prune.gradual: initial_sparsity={self.initial_sparsity} must be in [0, final_sparsity]")
         if self.granularity not in GRANULARITIES:
-            raise StageError(f"prune.gradual: granularity='{self.granularity}' is not one of {', '.join(GRANULARITIES)}")
+            raise StageError(
+                f"prune.gradual: granularity='{self.granularity}' is not one of {', '.join(GRANULARITIES)}"
+            )
         if not 0 <= self.begin_step <= self.end_step <= self.total_steps or self.frequency < 1:
             raise StageError("prune.gradual: need 0 <= begin_step <= end_step <= total_steps and frequency >= 1")
         if self.learning_rate <= 0 or self.batch_size < 1:
@@ -61,13 +65,13 @@ def cubic_sparsity(step: int, cfg: GradualPrune) -> float:
 
 # ---- groups: what one mask entry covers --------------------------------------------------------------
 
+
 def _encoder(lm):
     return lm.model[0].auto_model if lm.task == "sentence-embedding" else getattr(lm.model, lm.model.base_model_prefix)
 
 
 def _groups(lm, cfg: GradualPrune):
     """(name, unit-score function, [(module, how the unit mask expands onto its weight)]) per layer."""
-    from compress.models import linear_layers
 
     if cfg.granularity == "unstructured":
         layers = linear_layers(lm, cfg.layers)
@@ -85,12 +89,24 @@ def _groups(lm, cfg: GradualPrune):
             heads, size = att.self.num_attention_heads, att.self.attention_head_size
 
             def score(att=att, heads=heads, size=size):
-                rows = [getattr(att.self, k).weight.detach().reshape(heads, size, -1) for k in ("query", "key", "value")]
+                rows = [
+                    getattr(att.self, k).weight.detach().reshape(heads, size, -1) for k in ("query", "key", "value")
+                ]
                 cols = att.output.dense.weight.detach().reshape(-1, heads, size).transpose(0, 1)
                 return sum(r.flatten(1).norm(dim=1) for r in rows) * cols.flatten(1).norm(dim=1)
 
-            groups.append((f"layer.{i}.heads", score, [(att.self.query, ("rows", size)), (att.self.key, ("rows", size)),
-                                                       (att.self.value, ("rows", size)), (att.output.dense, ("cols", size))]))
+            groups.append(
+                (
+                    f"layer.{i}.heads",
+                    score,
+                    [
+                        (att.self.query, ("rows", size)),
+                        (att.self.key, ("rows", size)),
+                        (att.self.value, ("rows", size)),
+                        (att.output.dense, ("cols", size)),
+                    ],
+                )
+            )
     return groups
 
 
@@ -119,7 +135,7 @@ def _update_masks(groups, sparsity: float) -> list[dict]:
         for mod, how in targets:
             mask = _expand(keep, how, mod.weight).to(mod.weight.dtype)
             if tprune.is_pruned(mod):
-                mask = mask * mod.weight_mask                       # once pruned, stays pruned
+                mask = mask * mod.weight_mask  # once pruned, stays pruned
                 tprune.remove(mod, "weight")
             tprune.custom_from_mask(mod, "weight", mask)
         out.append({"layer": name, "sparsity": round(1 - float(keep.float().mean()), 4)})
@@ -162,7 +178,7 @@ def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
             for mod in (att.self.query, att.self.key, att.self.value, att.output.dense):
                 tprune.remove(mod, "weight")
             removed[f"layer.{i}.heads"] = len(heads_to_prune[i])
-        encoder.prune_heads({i: h for i, h in heads_to_prune.items() if h})   # transformers does the surgery
+        encoder.prune_heads({i: h for i, h in heads_to_prune.items() if h})  # transformers does the surgery
     return removed
 
 
@@ -174,20 +190,27 @@ def apply_gradual(cfg: GradualPrune, lm, ctx: TorchContext):
     state = {"sparsity": 0.0, "per_layer": []}
 
     def before_step(step: int) -> dict:
-        if step in updates:                                                     # mask update every Δt steps
+        if step in updates:  # mask update every Δt steps
             state["sparsity"] = cubic_sparsity(step, cfg)
             state["per_layer"] = _update_masks(groups, state["sparsity"])
         return {"sparsity": round(state["sparsity"], 4)}
 
-    training = distil_train(lm, ctx, stage="prune.gradual", steps=cfg.total_steps, learning_rate=cfg.learning_rate,
-                            batch_size=cfg.batch_size, seed=cfg.seed, before_step=before_step)
+    training = distil_train(lm, ctx, cfg, "prune.gradual", cfg.total_steps, before_step)
     removed = _physically_remove(lm, cfg, groups) if cfg.granularity != "unstructured" else {}
     if cfg.granularity == "unstructured":
         for _, _, targets in groups:
             for mod, _ in targets:
                 tprune.remove(mod, "weight")
-    speedup = ("none on ORT CPU (no sparse kernels): a size win only, after compression (zip / sparse storage)"
-               if cfg.granularity == "unstructured" else
-               "yes on every runtime: the matrices are physically smaller")
-    return lm, {"granularity": cfg.granularity, "final_sparsity": cfg.final_sparsity, "per_layer": state["per_layer"],
-                "removed_units": removed, "expected_speedup": speedup, **training}
+    speedup = (
+        "none on ORT CPU (no sparse kernels): a size win only, after compression (zip / sparse storage)"
+        if cfg.granularity == "unstructured"
+        else "yes on every runtime: the matrices are physically smaller"
+    )
+    return lm, {
+        "granularity": cfg.granularity,
+        "final_sparsity": cfg.final_sparsity,
+        "per_layer": state["per_layer"],
+        "removed_units": removed,
+        "expected_speedup": speedup,
+        **training,
+    }

@@ -4,17 +4,19 @@ Stand beside ``onnxruntime.quantization.quantize_dynamic`` / ``quantize_static``
 ``shape_inference.quant_pre_process``; this file chooses their arguments for the target and host and
 counts what was quantized.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from compress.stages.base import OnnxContext, StageError, file_bytes, scratch_cwd
+from compress.core.fs import file_bytes, scratch_cwd
+from compress.core.onnx_ops import quantized_counts
+from compress.stages.base import OnnxContext, StageError
 
 QTYPES = {"int8": "QInt8", "uint8": "QUInt8"}
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -22,8 +24,7 @@ CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percenti
 
 def _reduce_range(setting: str, ctx: OnnxContext) -> bool:
     # ORT's docs suggest 7-bit weights on hosts without VNNI (u8s8 vpmaddubsw can saturate): "auto" does that.
-    # The default is "false": on MiniLM (AVX2, no VNNI) reduce_range cut fidelity from 0.964 to 0.880 per-tensor
-    # and left per-channel at 0.992, so it bought nothing here (benchmarks/quant_ablation.py).
+    # The default is "false": it cost fidelity on MiniLM here (benchmarks/quant_ablation.py; README, CPU recipes).
     return (not ctx.host.has_vnni) if setting == "auto" else setting == "true"
 
 
@@ -32,20 +33,13 @@ def _check_choice(stage: str, key: str, value: str, choices) -> None:
         raise StageError(f"{stage}: {key}='{value}' is not one of {', '.join(choices)}")
 
 
-def _quantized_counts(path: Path) -> dict:
-    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    keep = ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QAttention",
-            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QLinearMatMul")
-    return {op: n for op, n in ops.items() if op in keep}
-
-
 @dataclass(frozen=True)
 class DynamicQuant:
-    weight_type: str = "int8"       # int8 | uint8
-    per_channel: bool = True        # per-tensor: fidelity 0.964 vs 0.992 per-channel on MiniLM
-    reduce_range: str = "false"     # auto (on when the host lacks VNNI) | true | false
+    weight_type: str = "int8"  # int8 | uint8
+    per_channel: bool = True  # per-tensor loses fidelity (benchmarks/quant_ablation.py)
+    reduce_range: str = "false"  # auto (on when the host lacks VNNI) | true | false
     op_types: tuple[str, ...] = ()  # empty: every op type ORT can quantize dynamically (MatMul, Attention, Gather, ...)
-    exclude: tuple[str, ...] = ()   # node names or fnmatch patterns kept in float
+    exclude: tuple[str, ...] = ()  # node names or fnmatch patterns kept in float
 
     def __post_init__(self) -> None:
         _check_choice("quant.dynamic", "weight_type", self.weight_type, QTYPES)
@@ -59,25 +53,31 @@ def apply_dynamic(cfg: DynamicQuant, src: Path, dst: Path, ctx: OnnxContext) -> 
     rr = _reduce_range(cfg.reduce_range, ctx)
     src, dst = src.resolve(), dst.resolve()
     with scratch_cwd():
-        quantize_dynamic(str(src), str(dst), weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
-                         per_channel=cfg.per_channel, reduce_range=rr, op_types_to_quantize=list(cfg.op_types) or None,
-                         nodes_to_exclude=_matching_nodes(src, cfg.exclude),
-                         # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer
-                         # fails with "Unable to find data type for weight_name".
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    return {"bytes_before": before, "bytes": file_bytes(dst), "reduce_range": rr, "quantized": _quantized_counts(dst)}
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
+            per_channel=cfg.per_channel,
+            reduce_range=rr,
+            op_types_to_quantize=list(cfg.op_types) or None,
+            nodes_to_exclude=_matching_nodes(src, cfg.exclude),
+            # A graph fused by ORT's optimizer lacks some value infos; without this the quantizer
+            # fails with "Unable to find data type for weight_name".
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    return {"bytes_before": before, "bytes": file_bytes(dst), "reduce_range": rr, "quantized": quantized_counts(dst)}
 
 
 @dataclass(frozen=True)
 class StaticQuant:
     per_channel: bool = True
-    activation_type: str = "uint8"      # uint8 | int8
+    activation_type: str = "uint8"  # uint8 | int8
     weight_type: str = "int8"
     calibration_method: str = "minmax"  # minmax | entropy | percentile
-    samples: int = 64                   # calibration sentences
+    samples: int = 64  # calibration sentences
     reduce_range: str = "false"
-    op_types: tuple[str, ...] = ("MatMul", "Gather")   # quantizing Add/Mul/Softmax too costs accuracy for little speed
-    exclude: tuple[str, ...] = ()       # fnmatch patterns of node names kept in float
+    op_types: tuple[str, ...] = ("MatMul", "Gather")  # quantizing Add/Mul/Softmax too costs accuracy for little speed
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of node names kept in float
     symmetric_activations: bool = False  # zero point 0 (ORT's ActivationSymmetric): TensorRT accepts only that
 
     def __post_init__(self) -> None:
@@ -100,8 +100,11 @@ def _weight_nodes(path: Path, op_types: tuple[str, ...], exclude: tuple[str, ...
         return None
     graph = onnx.load(str(path), load_external_data=False).graph
     consts = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return [n.name for n in graph.node if n.op_type in op_types and (n.op_type != "MatMul" or n.input[1] in consts)
-            and not _excluded(n.name, exclude)]
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type in op_types and (n.op_type != "MatMul" or n.input[1] in consts) and not _excluded(n.name, exclude)
+    ]
 
 
 def _excluded(name: str, exclude: tuple[str, ...]) -> bool:
@@ -144,12 +147,17 @@ def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> di
     with scratch_cwd():
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-        except Exception:    # symbolic shape inference fails on some fused graphs; plain ONNX shape inference then
+        except Exception:  # symbolic shape inference fails on some fused graphs; plain ONNX shape inference then
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         _quantize_static(cfg, pre, dst, feeds, rr)
-    return {"bytes_before": file_bytes(src), "bytes": file_bytes(dst), "calibration_samples": n,
-            "calibration_seconds": round(time.perf_counter() - t0, 2), "reduce_range": rr,
-            "quantized": _quantized_counts(dst)}
+    return {
+        "bytes_before": file_bytes(src),
+        "bytes": file_bytes(dst),
+        "calibration_samples": n,
+        "calibration_seconds": round(time.perf_counter() - t0, 2),
+        "reduce_range": rr,
+        "quantized": quantized_counts(dst),
+    }
 
 
 def _quantize_static(cfg: StaticQuant, pre: Path, dst: Path, feeds: list[dict], rr: bool) -> None:
@@ -157,13 +165,23 @@ def _quantize_static(cfg: StaticQuant, pre: Path, dst: Path, feeds: list[dict], 
 
     nodes = _weight_nodes(pre, cfg.op_types, cfg.exclude)
     try:
-        quantize_static(str(pre), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                        reduce_range=rr, activation_type=getattr(QuantType, QTYPES[cfg.activation_type]),
-                        weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
-                        calibrate_method=getattr(CalibrationMethod, CALIBRATION[cfg.calibration_method]),
-                        op_types_to_quantize=list(cfg.op_types) or None, nodes_to_quantize=nodes,
-                        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT,
-                                       "ActivationSymmetric": cfg.symmetric_activations})
+        quantize_static(
+            str(pre),
+            str(dst),
+            _Reader(feeds),
+            quant_format=QuantFormat.QDQ,
+            per_channel=cfg.per_channel,
+            reduce_range=rr,
+            activation_type=getattr(QuantType, QTYPES[cfg.activation_type]),
+            weight_type=getattr(QuantType, QTYPES[cfg.weight_type]),
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION[cfg.calibration_method]),
+            op_types_to_quantize=list(cfg.op_types) or None,
+            nodes_to_quantize=nodes,
+            extra_options={
+                "DefaultTensorType": onnx.TensorProto.FLOAT,
+                "ActivationSymmetric": cfg.symmetric_activations,
+            },
+        )
     finally:
         pre.unlink(missing_ok=True)
         for leftover in dst.parent.glob("augmented_model*.onnx"):

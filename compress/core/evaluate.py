@@ -3,18 +3,20 @@
 An evaluator gets two functions texts -> outputs (the original fp32 export and the compressed artefact,
 both run in ONNX Runtime) and returns a metric dict; nothing here knows how the outputs were made.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from compress.data import read_labelled, read_stsb
-from compress.errors import CompressError
-from export.verify import row_cosine
+from compress.core.data import read_labelled, read_stsb
+from compress.core.errors import CompressError
+from compress.core.numerics import row_cosine
 
 Encoder = Callable[[list[str]], np.ndarray]
 EVAL_KINDS = ("stsb", "fidelity", "accuracy")
@@ -73,11 +75,23 @@ def search_score(spec: EvalSpec, encode: Encoder, texts: list[str], reference: n
 def evaluate(spec: EvalSpec, original: Encoder, compressed: Encoder, heldout: list[str]) -> dict:
     if spec.kind == "fidelity":
         cos = row_cosine(original(heldout), compressed(heldout))
-        return {"name": str(spec), "metric": "mean cosine to original outputs (held-out shipped sentences)",
-                "original": 1.0, "compressed": round(float(cos.mean()), 6), "min": round(float(cos.min()), 6),
-                "samples": len(heldout), "higher_is_better": True}
+        return {
+            "name": str(spec),
+            "metric": "mean cosine to original outputs (held-out shipped sentences)",
+            "original": 1.0,
+            "compressed": round(float(cos.mean()), 6),
+            "min": round(float(cos.min()), 6),
+            "samples": len(heldout),
+            "higher_is_better": True,
+        }
     score = stsb_spearman if spec.kind == "stsb" else accuracy
     orig, comp = score(original, spec.path), score(compressed, spec.path)
     metric = "Spearman x100 (cosine vs gold)" if spec.kind == "stsb" else "accuracy %"
-    return {"name": str(spec), "metric": metric, "original": round(orig, 3), "compressed": round(comp, 3),
-            "delta": round(comp - orig, 3), "higher_is_better": True}
+    return {
+        "name": str(spec),
+        "metric": metric,
+        "original": round(orig, 3),
+        "compressed": round(comp, 3),
+        "delta": round(comp - orig, 3),
+        "higher_is_better": True,
+    }

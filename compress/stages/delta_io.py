@@ -7,9 +7,11 @@ plus one metadata entry ``compress.delta``: JSON with format, method, p, q, seed
 shapes (every floating-point tensor of the model, for the architecture check) and base_sha256 (the
 fingerprint of the base weights the delta was made against, so a wrong base is refused, not silently used).
 
-The stage (``compress.stages.delta``) and ``apply_delta`` add a delta with the same function
-(``add_delta``), so a rebuilt model is bit-identical to the one the stage produced.
+The stage (``compress.stages.delta``) and the rebuild (``compress.pipeline.rebuild_from_delta``, the CLI's
+``apply-delta``) add a delta with the same function (``add_delta``), so a rebuilt model is bit-identical to the one
+the stage produced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError
 
 FORMAT = "compress.delta/1"
 META_KEY = "compress.delta"
@@ -47,8 +49,9 @@ def delta_tensors(model) -> dict[str, Any]:
     return out
 
 
-def first_mismatch(expected: dict[str, tuple[int, ...]], tensors: dict[str, Any], actual: str = "the base",
-                   wanted: str = "the delta") -> str | None:
+def first_mismatch(
+    expected: dict[str, tuple[int, ...]], tensors: dict[str, Any], actual: str = "the base", wanted: str = "the delta"
+) -> str | None:
     """The first difference in names or shapes between two models' floating-point tensors, in words; None if none."""
     for name, shape in expected.items():
         if name not in tensors:
@@ -84,7 +87,7 @@ def save_delta(path: str | Path, kept: Kept, metadata: dict) -> int:
 
     path = Path(path)
     tensors = {}
-    for name, (idx, vals, shape) in kept.items():
+    for name, (idx, vals, _shape) in kept.items():
         tensors[name + INDEX_SUFFIX] = idx.contiguous()
         tensors[name + VALUE_SUFFIX] = vals.contiguous()
     meta = {"format": FORMAT, **metadata, "kept_shapes": {n: list(s) for n, (_, _, s) in kept.items()}}
@@ -114,21 +117,27 @@ def load_delta(path: str | Path) -> tuple[Kept, dict]:
             raw = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise CompressError(f"{path} is not a readable safetensors file ({type(e).__name__}): "
-                            "pass the delta.safetensors a prune.delta run wrote") from None
+        raise CompressError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}): "
+            "pass the delta.safetensors a prune.delta run wrote"
+        ) from None
     try:
         meta = json.loads(raw) if raw else None
     except json.JSONDecodeError:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CompressError(f"{path} is not a delta file written by prune.delta (no '{META_KEY}' metadata "
-                            f"of format {FORMAT}): pass the delta.safetensors a prune.delta run wrote")
+        raise CompressError(
+            f"{path} is not a delta file written by prune.delta (no '{META_KEY}' metadata "
+            f"of format {FORMAT}): pass the delta.safetensors a prune.delta run wrote"
+        )
     kept: Kept = {}
     for name, shape in meta["kept_shapes"].items():
         idx, vals = tensors.get(name + INDEX_SUFFIX), tensors.get(name + VALUE_SUFFIX)
         if idx is None or vals is None or idx.shape != vals.shape:
-            raise CompressError(f"{path} is damaged: indices/values of {name} are missing or differ in length; "
-                                "re-create it with compress run --recipe delta-...")
+            raise CompressError(
+                f"{path} is damaged: indices/values of {name} are missing or differ in length; "
+                "re-create it with compress run --recipe delta-..."
+            )
         kept[name] = (idx, vals, tuple(shape))
     return kept, meta
 
@@ -144,41 +153,3 @@ def apply_kept(tensors: dict[str, Any], base: dict[str, Any], kept: Kept) -> Non
                 t.copy_(add_delta(base[name], idx, vals))
             else:
                 t.copy_(base[name])
-
-
-def apply_delta(base: str, delta_path: str | Path, out_dir: str | Path, force: bool = False) -> dict:
-    """Rebuild the fine-tuned model as base + delta and save it to ``out_dir`` (loadable by ``compress run``).
-
-    The folder is written as a temporary sibling and renamed into place: a failure leaves nothing behind, and
-    an existing non-empty ``out_dir`` is replaced only with ``force``.
-    """
-    from compress.models import load_model
-    from compress.pipeline import check_out_dir, staged_folder
-
-    out = Path(out_dir)
-    kept, meta = load_delta(delta_path)
-    check_out_dir(out, force)
-    lm = load_model(base, meta.get("task"))
-    tensors = delta_tensors(lm.model)
-    made_from = meta.get("base") or "the base it was made from"
-    mismatch = first_mismatch({n: tuple(s) for n, s in meta["shapes"].items()}, tensors)
-    if mismatch:
-        raise CompressError(f"delta {delta_path} was made for a different architecture ({mismatch}): "
-                            f"pass the base model it was made from ({made_from})")
-    for name, (idx, _, shape) in kept.items():
-        if len(idx) and int(idx.max()) >= tensors[name].numel():
-            raise CompressError(f"delta {delta_path} is damaged: an index of {name} is out of range; re-create it")
-    if meta.get("base_sha256") and fingerprint(tensors) != meta["base_sha256"]:
-        raise CompressError(f"the weights of {base} differ from the base the delta was made against: "
-                            f"pass the exact base model ({made_from}), not another checkpoint of the same architecture")
-    apply_kept(tensors, tensors, kept)          # add_delta builds each new tensor before it is copied in
-
-    with staged_folder(out, work=False) as (staging, _):
-        if lm.task == "sentence-embedding":
-            lm.model.save(str(staging))
-        else:
-            lm.model.save_pretrained(staging)
-            lm.tokenizer.save_pretrained(staging)
-    entries = sum(len(i) for i, _, _ in kept.values())
-    return {"out": str(out), "task": lm.task, "tensors": len(kept), "entries": entries,
-            "method": meta.get("method"), "p": meta.get("p"), "q": meta.get("q")}

@@ -1,14 +1,16 @@
 """Text the pipeline uses: the shipped sentences, user text files, STS-B and labelled TSVs."""
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from compress.errors import CompressError
+from compress.core.errors import CompressError
 
-SENTENCES_PATH = Path(__file__).parent / "data" / "sentences.txt"
+SENTENCES_PATH = Path(__file__).parent.parent / "data" / "sentences.txt"
 
 
 def shipped_sentences() -> list[str]:
@@ -28,7 +30,9 @@ def read_texts(path: str | Path) -> list[str]:
         raise CompressError(f"data file {p} not found: pass an existing .txt, .jsonl or .csv file to --data")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
-        texts = [json.loads(line).get("text", "") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [
+            json.loads(line).get("text", "") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
     elif suffix in (".csv", ".tsv"):
         delim = "\t" if suffix == ".tsv" else ","
         with p.open(encoding="utf-8", newline="") as f:
@@ -50,27 +54,39 @@ class PairSet:
     scores: list[float]
 
 
-def read_stsb(path: str | Path) -> PairSet:
-    """STS-B TSV: genre, file, year, id, score, sentence1, sentence2[, more columns]. Malformed rows are refused."""
+def _tsv_rows(path: str | Path, what: str, flag: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, columns) of a tab-separated file, blank lines skipped. QUOTE_NONE: STS-B sentences contain bare
+    quotes that the csv module would otherwise merge across rows."""
     p = Path(path)
     if not p.is_file():
-        raise CompressError(f"STS-B file {p} not found: pass stsb:PATH with an existing STS-B .csv/.tsv file")
-    first, second, scores = [], [], []
-    # QUOTE_NONE: STS-B sentences contain bare quotes that the csv module would otherwise merge across rows.
+        raise CompressError(f"{what} {p} not found: pass {flag} with an existing file")
     with p.open(encoding="utf-8", newline="") as f:
         for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row:
-                continue
-            if len(row) < 7:
-                raise CompressError(f"{p}:{n}: expected 7+ tab-separated columns (genre, file, year, id, score, s1, s2)")
-            try:
-                scores.append(float(row[4]))
-            except ValueError:
-                raise CompressError(f"{p}:{n}: score column '{row[4]}' is not a number; is this an STS-B file?") from None
-            first.append(row[5])
-            second.append(row[6])
+            if row:
+                yield n, row
+
+
+def _parse(path: str | Path, n: int, text: str, kind: type, fix: str) -> float | int:
+    """``kind(text)``, or a one-line error naming the file, the line and ``fix``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise CompressError(f"{path}:{n}: {fix}") from None
+
+
+def read_stsb(path: str | Path) -> PairSet:
+    """STS-B TSV: genre, file, year, id, score, sentence1, sentence2[, more columns]. Malformed rows are refused."""
+    first, second, scores = [], [], []
+    for n, row in _tsv_rows(path, "STS-B file", "stsb:PATH"):
+        if len(row) < 7:
+            raise CompressError(f"{path}:{n}: expected 7+ tab-separated columns (genre, file, year, id, score, s1, s2)")
+        scores.append(
+            _parse(path, n, row[4], float, f"score column '{row[4]}' is not a number; is this an STS-B file?")
+        )
+        first.append(row[5])
+        second.append(row[6])
     if len(scores) < 3:
-        raise CompressError(f"{p} holds fewer than 3 pairs: Spearman needs more data")
+        raise CompressError(f"{path} holds fewer than 3 pairs: Spearman needs more data")
     return PairSet(first, second, scores)
 
 
@@ -82,21 +98,14 @@ class LabelledSet:
 
 def read_labelled(path: str | Path) -> LabelledSet:
     """Classification TSV: text<TAB>label (label an integer id). A header line 'text<TAB>label' is skipped."""
-    p = Path(path)
-    if not p.is_file():
-        raise CompressError(f"labelled file {p} not found: pass accuracy:PATH with a text<TAB>label TSV")
     texts, labels = [], []
-    with p.open(encoding="utf-8", newline="") as f:
-        for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row or (n == 1 and row[-1].strip().lower() == "label"):
-                continue
-            if len(row) < 2:
-                raise CompressError(f"{p}:{n}: expected 'text<TAB>label'")
-            try:
-                labels.append(int(row[-1]))
-            except ValueError:
-                raise CompressError(f"{p}:{n}: label '{row[-1]}' is not an integer class id") from None
-            texts.append("\t".join(row[:-1]))
+    for n, row in _tsv_rows(path, "labelled file", "accuracy:PATH (a text<TAB>label TSV)"):
+        if n == 1 and row[-1].strip().lower() == "label":
+            continue
+        if len(row) < 2:
+            raise CompressError(f"{path}:{n}: expected 'text<TAB>label'")
+        labels.append(_parse(path, n, row[-1], int, f"label '{row[-1]}' is not an integer class id"))
+        texts.append("\t".join(row[:-1]))
     if not texts:
-        raise CompressError(f"{p} holds no labelled rows")
+        raise CompressError(f"{path} holds no labelled rows")
     return LabelledSet(texts, labels)

@@ -1,0 +1,76 @@
+"""The deployed grids, simulated exactly: the numbers ONNX Runtime's kernels will hold after quantization.
+
+Shared by ``quant.int4`` (puts weights on the grid in torch so a compensation stage sees the exact error and the
+exporter re-packs them losslessly) and ``quant.mixed`` (sensitivities measured on the grid that ships).
+- int4 MatMul weights: ORT's own C++ kernel (``onnxruntime.capi._pybind_state.quantize_matmul_4bits``, what
+  ``MatMulNBitsQuantizer`` calls), blocks along the input dimension.
+- int4 embedding tables: ``DefaultWeightOnlyQuantizer.quantize_ndarray`` (GatherBlockQuantized), blocks along H.
+- int8 weights: symmetric, ORT's range (``get_qmin_qmax_for_qType``), per output channel or per tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compress.stages.base import StageError
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def check_block_size(stage: str, block_size: int) -> None:
+    if block_size not in BLOCK_SIZES:
+        raise StageError(f"{stage}: block_size={block_size} must be one of {', '.join(map(str, BLOCK_SIZES))}")
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes holding two 4-bit values (low nibble first) -> float32 values, flattened per leading row."""
+    return np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.float32)
+
+
+def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool) -> np.ndarray:
+    """Quantize a (K, N) float weight with ORT's MatMulNBits kernel and dequantize it back to float32."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = w_kn.shape
+    kb = (k + block_size - 1) // block_size
+    packed = np.zeros((n, kb, block_size // 2), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    zp = np.zeros((n, (kb + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(w_kn, dtype=np.float32), scales, zp, block_size, n, k, symmetric)
+    q = unpack_nibbles(packed)  # (N, kb, block)
+    z = np.full((n, kb), 8.0, np.float32) if symmetric else unpack_nibbles(zp)[:, :kb]
+    w = (q - z[..., None]) * scales[..., None]  # (N, kb, block)
+    return w.reshape(n, kb * block_size)[:, :k].T.copy()
+
+
+def int4_table(w, block_size: int):
+    """GatherBlockQuantized's grid on an embedding table (V, H) tensor: ORT's own quantize_ndarray, blocks along H."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    data = w.detach().float().numpy()
+    packed, scales, zp = DefaultWeightOnlyQuantizer.quantize_ndarray(data, 1, block_size, False)
+    q = unpack_nibbles(packed.reshape(1, -1))[0, : data.size].reshape(data.shape)
+    z = unpack_nibbles(zp.reshape(1, -1))[0, : scales.size].reshape(scales.shape)
+    deq = (q.reshape(data.shape[0], -1, block_size) - z[..., None]) * scales[..., None]
+    return torch.from_numpy(deq.reshape(data.shape)).to(w.dtype)
+
+
+def int4_weight(w, block_size: int, symmetric: bool = False):
+    """MatMulNBits' grid on a Linear's (out, in) weight tensor: blocks along the input dim."""
+    import torch
+
+    return torch.from_numpy(ort_int4_roundtrip(w.detach().float().T.numpy(), block_size, symmetric)).T.to(w.dtype)
+
+
+def int8_weight(w, per_channel: bool = True):
+    """Symmetric int8 as ORT quantizes weights (range from get_qmin_qmax_for_qType): per output channel for
+    MatMul weights, per tensor for a Gather's table."""
+    import onnx
+    import torch
+    from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+    qmin, qmax = (float(v) for v in get_qmin_qmax_for_qType(onnx.TensorProto.INT8, symmetric=True))
+    absmax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().max()
+    scale = (absmax * 2 / (qmax - qmin)).clamp(min=1e-12)
+    return torch.clamp(torch.round(w / scale), qmin, qmax) * scale

@@ -1,0 +1,309 @@
+"""The steps every flow shares, in the order a run takes them:
+
+    inputs (model, evals, calibration / held-out text) -> stage contexts, filled by what the stages declare they
+    need -> torch stages -> gated export (a float export must match torch or the run fails) -> int4 packing ->
+    ONNX stages -> report header.
+
+A flow (``compress.flows``) strings these together for one kind of model and target; nothing here knows which
+flow calls it or names a stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from compress.core import Progress, silent
+from compress.core.data import calibration_and_heldout, read_texts, shipped_sentences
+from compress.core.errors import CompressError, first_line
+from compress.core.evaluate import EvalSpec, parse_eval, search_score
+from compress.core.kinds import ModelKind
+from compress.core.models import LoadedModel, load_model, torch_outputs
+from compress.recipe import Recipe, StageSpec
+from compress.stages import OnnxContext, Scorer, StageError, TorchContext
+from export.int4_pack import pack_int4
+from export.onnx_export import MODEL_FILE, export_onnx
+from export.verify import FLOAT_COSINE_MIN, Parity, verify_against_torch
+from profiles import DeviceProfile
+from runtimes.encode import ort_outputs
+from runtimes.host import host_info
+from runtimes.ort import cpu_session
+from runtimes.profiler import ProfileConfig
+from runtimes.roofline import RooflineError, estimate
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the user asked for (the CLI's options), before anything is checked."""
+
+    model: str
+    target: str = "cpu"
+    recipe: str = "cpu-default"
+    out: Path | None = None
+    evals: tuple[str, ...] = ("fidelity",)
+    task: str | None = None
+    data: Path | None = None
+    base: str | None = None  # the base model a fine-tuned MODEL came from (delta stages)
+    overrides: tuple[tuple[str, str], ...] = ()  # (stage parameter, value text): compress.recipe.apply_overrides
+    override_flags: tuple[tuple[str, str], ...] = ()  # (stage parameter, the option it came from), for messages
+    force: bool = False
+    latency: ProfileConfig = field(default_factory=ProfileConfig)
+    new_tokens: int = 32  # generative models: tokens generated per timed run
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run validated before any heavy work: the recipe with its overrides, the target, the output folder, the
+    model kind that picked the flow."""
+
+    cfg: RunConfig
+    recipe: Recipe
+    profile: DeviceProfile
+    out: Path
+    kind: ModelKind
+
+
+def default_out(cfg: RunConfig) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.model).name or cfg.model).strip("-")
+    return Path("runs") / f"{slug}-{Path(cfg.recipe).stem}-{Path(cfg.target).stem}"
+
+
+# ---- inputs ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """An encoder run's inputs: the loaded model, the parsed evals, calibration and held-out text (never shared)."""
+
+    lm: LoadedModel
+    evals: list[EvalSpec]
+    calibration: list[str]
+    heldout: list[str]
+
+
+def load_inputs(cfg: RunConfig, progress: Progress = silent) -> Inputs:
+    progress(f"loading {cfg.model}")
+    lm = load_model(cfg.model, cfg.task)
+    evals = [parse_eval(e, lm.task) for e in cfg.evals]
+    calibration, heldout = calibration_and_heldout(shipped_sentences())
+    if cfg.data is not None:
+        calibration = read_texts(cfg.data)
+    return Inputs(lm, evals, calibration, heldout)
+
+
+def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: int = 128) -> tuple[dict, ...]:
+    """Calibration feeds padded to one fixed length: ORT's entropy/percentile calibrators stack all batches."""
+    seq = min(seq, lm.max_length)
+    return tuple(
+        dict(
+            lm.tokenizer(
+                texts[i : i + batch], padding="max_length", truncation=True, max_length=seq, return_tensors="np"
+            )
+        )
+        for i in range(0, len(texts), batch)
+    )
+
+
+# ---- stage contexts, filled by need ---------------------------------------------------------------------------
+
+
+def _needs(stages: list[StageSpec]) -> set[str]:
+    return {n for s in stages for n in s.type.needs}
+
+
+def torch_context(
+    stages: list[StageSpec],
+    lm: LoadedModel,
+    calibration: list[str],
+    progress: Progress = silent,
+    artifact_dir: Path | None = None,
+    base_model: str | None = None,
+) -> TorchContext:
+    """The read-only context of the torch stages: an untouched copy of the model only when a stage needs it."""
+    needs = _needs(stages)
+    return TorchContext(
+        calibration=tuple(calibration),
+        original=copy.deepcopy(lm) if "original" in needs else None,
+        artifact_dir=artifact_dir,
+        base_model=base_model if "base" in needs else None,
+        progress=progress,
+    )
+
+
+def onnx_context(
+    stages: list[StageSpec],
+    lm: LoadedModel,
+    calibration: list[str],
+    profile: DeviceProfile | None = None,
+    search_eval: EvalSpec | None = None,
+    progress: Progress | None = None,
+) -> OnnxContext:
+    """The read-only context of the ONNX stages; the torch model and the scorer only when a stage needs them."""
+    needs = _needs(stages)
+    if "scorer" in needs and search_eval is None:
+        raise CompressError("a search stage needs an evaluation to score candidates: pass --eval")
+    c = lm.config
+    return OnnxContext(
+        calibration=tokenized_batches(lm, calibration),
+        host=host_info(),
+        model_type=getattr(c, "model_type", ""),
+        num_heads=int(getattr(c, "num_attention_heads", 0)),
+        hidden_size=int(getattr(c, "hidden_size", 0)),
+        calibration_texts=tuple(calibration),
+        precisions=profile.precisions if profile else (),
+        torch_model=lm if "torch_model" in needs else None,
+        scorer=make_scorer(search_eval, lm, calibration) if "scorer" in needs else None,
+        progress=progress,
+    )
+
+
+def make_scorer(spec: EvalSpec, lm: LoadedModel, texts: list[str]) -> Scorer:
+    """The search metric of a run (its first --eval) on any ONNX file, run in ORT like the final evaluation."""
+    reference = torch_outputs(lm, texts) if spec.kind == "fidelity" else None
+
+    def score(path: Path) -> float:
+        sess = cpu_session(path, 0)
+        return search_score(
+            spec, lambda t: ort_outputs(sess, lm.tokenizer, t, lm.task, lm.max_length), texts, reference
+        )
+
+    name = (
+        "fidelity x100 (mean cosine to the original on the calibration text)" if spec.kind == "fidelity" else str(spec)
+    )
+    return Scorer(name=name, score=score)
+
+
+# ---- stage loops ----------------------------------------------------------------------------------------------
+
+
+def _stage_report(spec: StageSpec, metrics: dict, t0: float, **extra) -> dict:
+    return {
+        "name": spec.name,
+        "level": spec.type.level,
+        "params": spec.params(),
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 2),
+        **extra,
+    }
+
+
+def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: list[str], progress: Progress = silent,
+                       artifact_dir: Path | None = None, base_model: str | None = None
+                       ) -> tuple[LoadedModel, list[dict]]:  # fmt: skip
+    """Apply torch-level stages in order; each sees the untouched original model and the calibration text."""
+    if not stages:
+        return lm, []
+    ctx = torch_context(stages, lm, calibration, progress, artifact_dir, base_model)
+    reports = []
+    for i, spec in enumerate(stages):
+        progress(f"stage {i + 1}/{len(stages)}: {spec.name}")
+        t0 = time.perf_counter()
+        try:
+            lm, metrics = spec.type.apply(spec.config, lm, ctx)
+        except StageError as e:
+            raise CompressError(f"stage {spec.name} failed: {e}") from None
+        reports.append(_stage_report(spec, metrics, t0))
+    return lm, reports
+
+
+def apply_onnx_stages(
+    stages: list[StageSpec], src: Path, work: Path, ctx: OnnxContext | None, progress: Progress = silent
+) -> tuple[Path, list[dict]]:
+    """Apply ONNX-level stages in order, each writing a new file in ``work``; returns the last file and reports."""
+    current, reports = src, []
+    for i, spec in enumerate(stages):
+        progress(f"stage {i + 1}/{len(stages)}: {spec.name}")
+        dst = work / f"stage{i + 1}-{spec.name}.onnx"
+        t0 = time.perf_counter()
+        try:
+            metrics = spec.type.apply(spec.config, current, dst, ctx)
+        except StageError as e:
+            raise CompressError(f"stage {spec.name} failed: {e}") from None
+        reports.append(_stage_report(spec, metrics, t0))
+        current = dst
+    return current, reports
+
+
+def pack_int4_layers(lm: LoadedModel, src: Path, work: Path) -> tuple[Path, dict]:
+    """Pack the layers a stage put on the int4 grid into MatMulNBits (export.int4_pack)."""
+    t0 = time.perf_counter()
+    modules = dict(lm.model.named_modules())
+    weights = {name: (modules[name].weight.detach().float().T.numpy(), fmt) for name, fmt in lm.int4_layers.items()}
+    dst = work / "int4-packed.onnx"
+    metrics = pack_int4(src, dst, weights)
+    return dst, {
+        "name": "export.int4_pack",
+        "level": "onnx",
+        "params": {},
+        "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---- gated export ---------------------------------------------------------------------------------------------
+
+
+def gated_export(
+    lm: LoadedModel,
+    out_dir: Path,
+    heldout: list[str],
+    reference: np.ndarray | None = None,
+    what: str = "the float ONNX export",
+) -> tuple[Path, Parity]:
+    """Export to ``out_dir/model.onnx`` and hold it to the float gate against torch (cosine >= 0.999 on held-out
+    text): a diverging export fails the run before anything is written."""
+    path = export_onnx(lm, out_dir)
+    parity = verify_against_torch(lm, path, heldout, FLOAT_COSINE_MIN, reference=reference)
+    if not parity.passed:
+        raise CompressError(
+            f"{what} diverges from torch (min cosine {parity.cosine_min:.5f} < {FLOAT_COSINE_MIN}): "
+            "report this model as an export bug; nothing was written"
+        )
+    return path, parity
+
+
+# ---- the report's header and estimates ------------------------------------------------------------------------
+
+
+def target_section(profile: DeviceProfile, description: bool = False) -> dict:
+    out = {
+        "name": profile.name,
+        "kind": profile.kind,
+        "runtime": profile.runtime,
+        "execution_provider": profile.execution_provider,
+        "profile": profile.source_file,
+    }
+    if description:
+        out["description"] = profile.description
+    return out
+
+
+def estimate_row(path: Path, profile: DeviceProfile, batch: int, seq: int, precision: str = "auto") -> dict:
+    """The analytic roofline for one shape; an estimator failure is reported, never fatal to a measured run."""
+    try:
+        est = estimate(path, profile, batch, seq, precision)
+    except (RooflineError, ValueError) as e:  # ValueError: a graph the estimator does not cover yet
+        return {"batch": batch, "seq": seq, "source": "analytic", "error": first_line(e)}
+    keep = ("batch", "seq", "p50_ms", "source", "tool", "profile", "macs", "bytes", "bound", "caveats")
+    return {k: est[k] for k in keep if k in est}
+
+
+def onnx_file(path: Path) -> Path:
+    """An artefact folder's model.onnx, or the .onnx file itself, checked to be a valid ONNX model."""
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise CompressError(f"{path} not found: pass an artefact folder holding model.onnx, or an .onnx file")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:
+        raise CompressError(
+            f"{path} is not a valid ONNX model ({type(e).__name__}): re-export it with compress run"
+        ) from None
+    return path
