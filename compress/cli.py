@@ -7,7 +7,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,7 +17,8 @@ from pathlib import Path
 import click
 
 from compress import pipeline
-from compress.core.errors import CompressError, first_line
+from compress.core.errors import CompressError, Terminated, first_line
+from compress.core.fs import write_text
 from compress.flows import ProfileRequest
 from compress.recipe import load_recipe, shipped_recipes
 from compress.stages import REGISTRY
@@ -75,14 +78,27 @@ def _fail(e: CompressError) -> None:
     sys.exit(2)
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Every command's CompressError becomes one line and exit status 2."""
+    """Every command's CompressError becomes one line and exit status 2; SIGINT / SIGTERM clean up (the staged
+    output folder is removed on the way out) and exit 130 / 143, as shells expect."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except CompressError as e:
             _fail(e)
+        except KeyboardInterrupt:
+            click.echo("interrupted (SIGINT): stopped; nothing half-written was left", err=True)
+            sys.exit(130)
+        except Terminated:
+            click.echo("terminated (SIGTERM): stopped; nothing half-written was left", err=True)
+            sys.exit(143)
 
 
 @click.group(cls=_Group)
@@ -173,6 +189,11 @@ def _overrides(sets: tuple[str, ...], **named: str | None) -> tuple[tuple, tuple
 def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimate, new_tokens) -> None:
     """Measure an existing artefact folder or .onnx file on a target (or estimate it with --estimate)."""
     cfg = _latency_config(shapes, runs, threads)
+    if json_out is not None and not os.access(json_out.parent if str(json_out.parent) else Path("."), os.W_OK):
+        raise CompressError(
+            f"cannot write --json {json_out}: its folder does not exist or is not writable "
+            "(read-only file system?): choose another path"
+        )
     prof = load_profile(target)
     if estimate:
         lines, data = _estimate(artifact, prof, cfg.shapes)
@@ -184,7 +205,7 @@ def profile(artifact, target, baseline, shapes, runs, threads, json_out, estimat
     for line in lines:
         click.echo(line)
     if json_out:
-        json_out.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        write_text(json_out, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _estimate(artifact: Path, profile, shapes) -> tuple[list[str], dict]:

@@ -100,7 +100,7 @@ def run(cfg: RunConfig, progress: Progress = silent, on_latency=None) -> tuple[P
     """Run a recipe end to end; returns (output folder, report dict). ``report["files"]`` lists the folder."""
     run_, flow = prepare(cfg)
     t_start = time.perf_counter()
-    with staged_folder(run_.out) as (staging, work):
+    with staged_folder(run_.out, cfg.force, progress=progress) as (staging, work):
         report = {"schema": SCHEMA, "flow": flow.name, **flow.run(run_, staging, work, progress, on_latency)}
         report["seconds_total"] = round(time.perf_counter() - t_start, 1)
         write_report(report, staging)
@@ -159,7 +159,7 @@ def rebuild_from_delta(base: str, delta_path: str | Path, out_dir: str | Path, f
         )
     apply_kept(tensors, tensors, kept)  # add_delta builds each new tensor before it is copied in
 
-    with staged_folder(out, work=False) as (staging, _):
+    with staged_folder(out, force, work=False) as (staging, _):
         if lm.task == "sentence-embedding":
             lm.model.save(str(staging))
         else:

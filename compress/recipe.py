@@ -17,6 +17,7 @@ from typing import Any
 
 import tomllib
 
+from compress.core.data import read_utf8
 from compress.core.errors import CompressError
 from compress.core.kinds import ModelKind
 from compress.stages import REGISTRY, StageType
@@ -117,11 +118,16 @@ def load_recipe(name_or_path: str) -> Recipe:
     else:
         path = Path(name_or_path)
         if not path.is_file():
+            if path.suffix == ".toml" or "/" in name_or_path or path.exists():
+                raise CompressError(
+                    f"recipe file {path} not found: pass an existing .toml file or a shipped recipe "
+                    f"({', '.join(shipped)})"
+                )
             raise CompressError(
                 f"unknown recipe '{name_or_path}': use one of {', '.join(shipped)} or a path to a .toml file"
             )
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_utf8(path))
     except tomllib.TOMLDecodeError as e:
         raise CompressError(f"recipe {path} is not valid TOML ({e}): fix the file") from None
     return parse_recipe(data, path.stem, str(path if name_or_path not in shipped else name_or_path))

@@ -11,6 +11,7 @@ flow calls it or names a stage.
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -20,11 +21,11 @@ import numpy as np
 import onnx
 
 from compress.core import Progress, silent
-from compress.core.data import calibration_and_heldout, read_texts, shipped_sentences
+from compress.core.data import calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
 from compress.core.errors import CompressError, first_line
 from compress.core.evaluate import EvalSpec, parse_eval, search_score
 from compress.core.kinds import ModelKind
-from compress.core.models import LoadedModel, load_model, torch_outputs
+from compress.core.models import LoadedModel, detect_task, load_model, max_positions, resolve_path, torch_outputs
 from compress.recipe import Recipe, StageSpec
 from compress.stages import OnnxContext, Scorer, StageError, TorchContext
 from export.int4_pack import pack_int4
@@ -85,6 +86,29 @@ class Inputs:
     evals: list[EvalSpec]
     calibration: list[str]
     heldout: list[str]
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """What can be checked before an encoder loads: each --eval (kind, file, encoding, format, fit to the task) and
+    the latency shapes against the model's positions."""
+    path = resolve_path(cfg.model)
+    try:
+        task = cfg.task or detect_task(path)
+    except json.JSONDecodeError:
+        return  # loading the model reports the broken config.json in its own words
+    for text in cfg.evals:
+        spec = parse_eval(text, task)
+        if spec.kind == "stsb":
+            read_stsb(spec.path)
+        elif spec.kind == "accuracy":
+            read_labelled(spec.path)
+    limit = max_positions(path)
+    longest = max(s.seq for s in cfg.latency.shapes)
+    if limit and longest > limit:
+        raise CompressError(
+            f"--shapes asks for sequences of {longest} tokens, past the model's {limit} positions: "
+            f"use lengths <= {limit}"
+        )
 
 
 def load_inputs(cfg: RunConfig, progress: Progress = silent) -> Inputs:

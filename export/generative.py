@@ -22,6 +22,7 @@ import numpy as np
 
 from compress.core.errors import CompressError, first_line
 from compress.core.kinds import ONNX_FILES, GenKind
+from compress.core.models import check_finite
 
 OPTIMUM_TASK = {
     "text-generation": "text-generation-with-past",
@@ -44,6 +45,7 @@ def load_torch(path: Path, kind: GenKind) -> tuple[Any, Any]:
             f"could not load the generative model at {path} ({type(e).__name__}: {first_line(e)[:200]}): "
             "check that its weights and tokenizer files are complete"
         ) from None
+    check_finite(model, path)
     prepare_tokenizer(tokenizer, kind)
     return model, tokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,22 +24,38 @@ def calibration_and_heldout(texts: list[str]) -> tuple[list[str], list[str]]:
     return texts[0::2], texts[1::2]
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; a file that is not UTF-8 is one line naming the byte and the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CompressError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): save it as UTF-8"
+        ) from None
+
+
+def _jsonl_text(path: Path, n: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise CompressError(f'{path}:{n}: not a JSON object ({e.msg}): write one {{"text": ...}} per line') from None
+    if not isinstance(row, dict) or not isinstance(row.get("text", ""), str):
+        raise CompressError(f'{path}:{n}: expected an object with a "text" string, e.g. {{"text": "a sentence"}}')
+    return row.get("text", "")
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Unlabelled text from a .txt (one per line), .jsonl ({"text": ...}) or .csv/.tsv (first text column)."""
     p = Path(path)
     if not p.is_file():
         raise CompressError(f"data file {p} not found: pass an existing .txt, .jsonl or .csv file to --data")
-    suffix = p.suffix.lower()
+    suffix, content = p.suffix.lower(), read_utf8(p)
     if suffix == ".jsonl":
-        texts = [
-            json.loads(line).get("text", "") for line in p.read_text(encoding="utf-8").splitlines() if line.strip()
-        ]
+        texts = [_jsonl_text(p, n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
     elif suffix in (".csv", ".tsv"):
-        delim = "\t" if suffix == ".tsv" else ","
-        with p.open(encoding="utf-8", newline="") as f:
-            texts = [row[0] for row in csv.reader(f, delimiter=delim) if row]
+        texts = [row[0] for row in csv.reader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",") if row]
     else:
-        texts = p.read_text(encoding="utf-8").splitlines()
+        texts = content.splitlines()
     texts = [t.strip() for t in texts if t and t.strip()]
     if not texts:
         raise CompressError(f"data file {p} holds no text: give one sentence per line (or JSONL with a 'text' field)")
@@ -60,10 +77,10 @@ def _tsv_rows(path: str | Path, what: str, flag: str) -> Iterator[tuple[int, lis
     p = Path(path)
     if not p.is_file():
         raise CompressError(f"{what} {p} not found: pass {flag} with an existing file")
-    with p.open(encoding="utf-8", newline="") as f:
-        for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if row:
-                yield n, row
+    rows = csv.reader(io.StringIO(read_utf8(p), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    for n, row in enumerate(rows, 1):
+        if row:
+            yield n, row
 
 
 def _parse(path: str | Path, n: int, text: str, kind: type, fix: str) -> float | int:

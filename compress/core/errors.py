@@ -9,6 +9,11 @@ class CompressError(Exception):
     """Bad input or an impossible request. The message is one line and says what to do."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (what ``timeout``, CI cancellation and ``docker stop`` send), raised in the main thread like
+    KeyboardInterrupt for SIGINT, so the same clean-up runs (compress.cli installs the handler)."""
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none): what a one-line error shows."""
     text = str(e)

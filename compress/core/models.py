@@ -142,7 +142,32 @@ def load_model(name: str, task: Task | None = None) -> LoadedModel:
             "check that its weights and tokenizer files are complete"
         ) from None
     model.eval()
+    check_finite(model, path)
     return LoadedModel(name=name, path=path, task=task, model=model, tokenizer=tokenizer, max_length=max_length)
+
+
+def check_finite(model: Any, path: Path) -> None:
+    """Refuse weights holding NaN or Inf when the model loads (they would surface much later as a failed export)."""
+    import torch
+
+    bad = [n for n, t in model.state_dict().items() if t.dtype.is_floating_point and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CompressError(
+            f"the weights at {path} hold NaN or Inf in {len(bad)} tensor(s), e.g. {bad[0]}: the "
+            "checkpoint is damaged; re-save it from a healthy model"
+        )
+
+
+def max_positions(path: Path) -> int | None:
+    """The longest input the model's position embeddings allow (config.json), None when it sets no limit."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("is_encoder_decoder") or config.get("position_embedding_type") in ("relative_key", "rotary"):
+        return None
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    return int(limit) if limit else None
 
 
 def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np.ndarray:

@@ -26,6 +26,7 @@ from compress.steps import (
     Run,
     apply_onnx_stages,
     apply_torch_stages,
+    check_inputs,
     estimate_row,
     gated_export,
     load_inputs,
@@ -59,7 +60,7 @@ class EncoderFlow:
         return profile.kind != "gpu"
 
     def check(self, run: Run) -> None:
-        pass
+        check_inputs(run.cfg)
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
         """Compress, export, verify, evaluate and measure one encoder; the artefact lands in ``staging``."""

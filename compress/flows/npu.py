@@ -29,7 +29,15 @@ from compress.core.numerics import row_cosine
 from compress.core.onnx_ops import QUANTIZED_OPS
 from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, versions
-from compress.steps import Run, apply_torch_stages, estimate_row, gated_export, load_inputs, target_section
+from compress.steps import (
+    Run,
+    apply_torch_stages,
+    check_inputs,
+    estimate_row,
+    gated_export,
+    load_inputs,
+    target_section,
+)
 from export import tflite_export
 from export.onnx_export import copy_app_files
 from profiles import DeviceProfile, missing_requirements
@@ -89,6 +97,7 @@ class NpuFlow:
 
     def check(self, run: Run) -> None:
         require(run.profile)
+        check_inputs(run.cfg)
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
         cfg = run.cfg

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from compress.core.errors import CompressError
+from compress.core.fs import shippable
 
 FORMAT = "compress.delta/1"
 META_KEY = "compress.delta"
@@ -98,6 +99,7 @@ def save_delta(path: str | Path, kept: Kept, metadata: dict) -> int:
         # One metadata key: safetensors writes a multi-key map in no fixed order, and the same seed must give
         # the same bytes.
         save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        shippable(Path(tmp))  # mkstemp made it 0600; the artefact gets the user's umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
