@@ -324,8 +324,12 @@ class Search:
         return float(row_cosine(a, b).mean())
 
     def space(self) -> dict[str, tuple]:
+        """The search space for this model: no more blocks than it has; batch-dependent precisions only when the
+        user allowed them."""
         space = dict(SPACE)
         space["blocks"] = tuple(b for b in SPACE["blocks"] if b <= self.n_blocks)
+        if not self.cfg.allow_batch_dependent:
+            space["precision"] = tuple(p for p in SPACE["precision"] if p in BATCH_CONSISTENT)
         return space
 
 
@@ -410,7 +414,20 @@ def storage_for(spec: str | None, default: Path):
 def study_name(cfg: SearchConfig) -> str:
     if cfg.study:
         return cfg.study
-    key = json.dumps([cfg.model, cfg.target, cfg.eval, str(cfg.holdout), cfg.train, cfg.steps, SPACE], default=str)
+    key = json.dumps(
+        [
+            cfg.model,
+            cfg.target,
+            cfg.eval,
+            str(cfg.holdout),
+            cfg.train,
+            cfg.steps,
+            SPACE,
+            cfg.allow_batch_dependent,
+            cfg.teacher,
+        ],
+        default=str,
+    )
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.model).name).strip("-")
     return f"{slug}-{Path(cfg.target).stem}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 

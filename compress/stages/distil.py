@@ -10,8 +10,11 @@ step (re-applying a fixed mask). No task loss: the stages see unlabelled text on
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +22,7 @@ import numpy as np
 from compress.core.models import torch_outputs
 from compress.core.numerics import task_output
 from compress.stages.base import StageError, TorchContext
+from runtimes.host import host_info
 
 Status = dict[str, "float | int | str"]
 
@@ -40,6 +44,34 @@ def distil_loss(student, teacher, task: str):
     if task == "text-classification":
         return F.mse_loss(student, teacher)
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+@contextlib.contextmanager
+def training_threads() -> Iterator[int]:
+    """Torch intra-op threads for a training loop: the physical cores on a quiet host, one thread when other work
+    already loads it (1-minute load average above half the cores). With two threads on a busy 2-core host the
+    threads spin-wait for each other: a MiniLM step took 4-10x longer than with one (measured, load average 5-6)."""
+    import torch
+
+    cores = host_info().physical_cores
+    before = torch.get_num_threads()
+    threads = 1 if os.getloadavg()[0] > cores / 2 else cores
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def training(fn: Callable) -> Callable:
+    """Run ``fn`` (a training or gradient loop) under ``training_threads``."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with training_threads():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def cosent(first, second, gold, scale: float = 20.0):
@@ -65,6 +97,7 @@ class Training(Protocol):
     seed: int
 
 
+@training
 def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, before_step: Callable[[int], Status],
                  after_step: Callable[[int], None] | None = None) -> dict:  # fmt: skip
     """Train ``lm`` in place for ``steps`` optimizer steps on ``ctx.calibration`` (AdamW at ``cfg.learning_rate``,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compress.stages.base import StageError, TorchContext
-from compress.stages.distil import cosent, distil_loss, student_outputs
+from compress.stages.distil import cosent, distil_loss, student_outputs, training
 from compress.stages.structure import blocks, keep_blocks, transformer
 
 IMPORTANCE = ("block_influence", "taylor")
@@ -72,6 +72,7 @@ def block_influence(lm, texts: list[str], batch_size: int) -> np.ndarray:
     return total / max(tokens, 1)
 
 
+@training
 def taylor_scores(lm, ctx: TorchContext, texts: list[str], batch_size: int, reduce: Callable[[], list]) -> list:
     """First-order Taylor importance, summed over batches: after each backward pass ``reduce()`` turns the
     parameters' w * dL/dw into one value (or tensor of unit values) per group, already made absolute. L: CoSENT on

@@ -41,7 +41,7 @@ import numpy as np
 from compress.core.fs import file_bytes
 from compress.core.models import linear_layers
 from compress.stages.base import OnnxContext, StageError
-from compress.stages.distil import distil_loss, student_outputs
+from compress.stages.distil import distil_loss, student_outputs, training
 from compress.stages.grids import check_block_size, int4_table, int4_weight, int8_weight
 from compress.stages.int4 import Int4Format
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
@@ -217,6 +217,7 @@ def _distance(out, ref, task: str):
     return distil_loss(out, ref, task)
 
 
+@training
 def hessian_traces(lm, layers: dict, batches: list[dict], refs: list, samples: int, seed: int) -> dict[str, dict]:
     """Hutchinson estimate of Tr(H_l) for every layer's weight, with its standard error.
 

@@ -28,7 +28,7 @@ import numpy as np
 from compress.core.evaluate import EMBEDDING_TASKS
 from compress.core.numerics import task_output
 from compress.stages.base import StageError, TorchContext
-from compress.stages.distil import cosent, distil_loss
+from compress.stages.distil import cosent, distil_loss, training
 from compress.stages.structure import transformer
 
 TEACHERS = ("original", "tuned")
@@ -153,6 +153,7 @@ def _tuned_teacher(ctx: TorchContext, cfg: Recover):
     return teacher
 
 
+@training
 def apply_recover(cfg: Recover, lm, ctx: TorchContext):
     import torch
 
@@ -235,6 +236,7 @@ def apply_recover(cfg: Recover, lm, ctx: TorchContext):
         "teacher": cfg.teacher,
         "hidden_map": targets,
         "training_items": n_items,
+        "torch_threads": torch.get_num_threads(),
         "labelled": pairs is not None,
         "trajectory": trajectory,
     }
