@@ -82,6 +82,12 @@ def prepare(cfg: RunConfig) -> tuple[Run, Flow]:
         read_texts(cfg.data)
     kind = model_kind(cfg.model, cfg.task)
     flow = flow_for(kind, profile)
+    extra = [f for f in cfg.formats if f not in flow.formats]
+    if extra:
+        raise CompressError(
+            f"--format {extra[0]} is not made for {kind} artefacts (the {flow.name} flow writes "
+            f"{', '.join(flow.formats)}): drop --format {extra[0]}"
+        )
     check_applicable(recipe, kind, profile, flow.levels, flow.strict_precisions(profile))
     for spec in recipe.stages:
         if (
