@@ -346,7 +346,7 @@ def consistency_sentence(c: dict) -> str:
             f"BATCH-DEPENDENT: {n}, the same text alone and inside a padded {c['batch']}-text batch gives min cosine "
             f"{a['min']:.6f} (< {c['threshold']}; mean {a['mean']:.6f}): vectors embedded in batches and vectors "
             "embedded alone are not interchangeable; embed one text per call, or use a batch-independent recipe "
-            "(quant.hybrid, e.g. recipe hybrid-int8)."
+            "(quant.hybrid: recipe cpu-default or hybrid-int8)."
         )
     return (
         f"{head} ORT optimisation DISABLE_ALL vs ENABLE_ALL (each text alone): min cosine {lv['min']:.6f} "
