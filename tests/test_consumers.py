@@ -31,6 +31,7 @@ HELDOUT = calibration_and_heldout(shipped_sentences())[1]
 TEXTS = HELDOUT[:48]  # benchmarks/consumers.py runs all 100
 LONG = " ".join(HELDOUT[:40])  # > 256 tokens: every consumer truncates it
 AGREE = 0.9999
+FAST = ["--runs", "2", "--shapes", "1x16"]
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_onnxruntime_genai_generates_optimums_tokens(tmp_path, name, recipe):
 
     src, out = tmp_path / name, tmp_path / "out"
     random_lm.save(name, src)
-    args = ["run", str(src), "--recipe", recipe, "--out", str(out), "--runs", "2", "--shapes", "1x16"]
+    args = ["run", str(src), "--recipe", recipe, "--out", str(out), *FAST]
     res = CliRunner().invoke(main, args + ["--new-tokens", "4"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert (out / "genai_config.json").is_file() and "genai_config.json" in json.loads(
@@ -229,18 +230,7 @@ def test_card_snippets_for_feature_extraction_and_classification(tiny_dirs, tmp_
     from runtimes.ort import cpu_session
 
     out = tmp_path / kind
-    args = [
-        "run",
-        str(tiny_dirs[kind]),
-        "--recipe",
-        "hybrid-int8",
-        "--out",
-        str(out),
-        "--runs",
-        "2",
-        "--shapes",
-        "1x16",
-    ]
+    args = ["run", str(tiny_dirs[kind]), "--recipe", "hybrid-int8", "--out", str(out), *FAST]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
