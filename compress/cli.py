@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,6 +22,8 @@ from compress.core.errors import CompressError, Terminated, first_line
 from compress.core.fs import write_text
 from compress.flows import ProfileRequest
 from compress.recipe import load_recipe, shipped_recipes
+from compress.search import SearchConfig
+from compress.search import search as search_command
 from compress.stages import REGISTRY
 from compress.steps import RunConfig, onnx_file
 from profiles import available_profiles, load_profile
@@ -130,6 +133,7 @@ def main() -> None:
 @click.option(
     "--base", help="The base model MODEL was fine-tuned from (for delta stages): minilm, a folder or a hub id."
 )
+@click.option("--train", help="Labelled pairs for a recovery stage's task loss: stsb:PATH (e.g. STS-B train).")
 @click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
 @click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
@@ -238,6 +242,72 @@ def _estimate(artifact: Path, profile, shapes) -> tuple[list[str], dict]:
             for key, v in data["mobile_coverage"].items()
         ]
     return lines, data
+
+
+def _duration(text: str) -> float:
+    """ "60m", "90s", "1.5h" or plain minutes -> seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", text or "")
+    if not m or float(m.group(1)) <= 0:
+        raise CompressError(f"--budget {text!r}: give a duration such as 60m, 90s or 1.5h")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "": 60}[m.group(2)]
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", default="cpu", show_default=True, help="Device profile name or profile .toml path.")
+@click.option(
+    "--eval",
+    "eval_spec",
+    required=True,
+    help="stsb:PATH: the split the search scores (even rows) and the "
+    "held-out rows only the winner is scored on (odd rows), unless --holdout.",
+)
+@click.option("--holdout", type=click.Path(path_type=Path), help="An STS-B file for the winner's final check instead.")
+@click.option("--max-drop", default=0.5, show_default=True, help="Accuracy budget: points of STS-B Spearman x100.")
+@click.option("--train", help="Labelled pairs for the recovery's task loss: stsb:PATH (e.g. STS-B train).")
+@click.option("--budget", default="60m", show_default=True, help="Wall time for the search (e.g. 60m, 2h).")
+@click.option("--trials", default=0, show_default=True, help="Stop after this many trials (0: when the budget ends).")
+@click.option("--steps", default=400, show_default=True, help="Recovery training steps per trained trial.")
+@click.option(
+    "--teacher",
+    type=click.Choice(["tuned", "original"]),
+    default="tuned",
+    show_default=True,
+    help="Recovery teacher with --train: the original fine-tuned on the pairs first, or the original.",
+)
+@click.option(
+    "--storage",
+    help="Optuna storage: sqlite:///study.db, postgresql://..., or journal:FILE "
+    "(default: OUT.journal beside the output); rerunning with it resumes the study.",
+)
+@click.option("--study", help="Study name (default: derived from model, target, eval, train and steps).")
+@click.option(
+    "--allow-batch-dependent",
+    is_flag=True,
+    help="Let the winner use dynamic int8 (its embeddings depend on the batch a text is in).",
+)
+@click.option("--shapes", default="1x128", show_default=True, help="The latency shape BATCHxSEQ the search optimises.")
+@click.option("--runs", default=30, show_default=True, help="Timed runs per latency probe.")
+@click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default runs/MODEL-search-TARGET).")
+@click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
+def search(model, target, eval_spec, holdout, max_drop, train, budget, trials, steps, teacher, storage, study,
+           allow_batch_dependent, shapes, runs, threads, out, force) -> None:  # fmt: skip
+    """Find the fastest compressed MODEL on a target inside an accuracy budget (multi-objective, resumable)."""
+    cfg = SearchConfig(model=model, eval=eval_spec, target=target, max_drop=max_drop, holdout=holdout, train=train,
+                       budget_s=_duration(budget), trials=trials, steps=steps, teacher=teacher, storage=storage,
+                       study=study, out=out,
+                       force=force, allow_batch_dependent=allow_batch_dependent,
+                       latency=_latency_config(shapes, runs, threads))  # fmt: skip
+    folder, report = search_command(cfg, progress=_Clock())
+    w = report["winner"]
+    if w:
+        click.echo(f"\nwinner: trial {w['trial']} {w['params']}: p50 {w['p50_ms']:.2f} ms ({w['ratio_fp32']:.2f}x fp32, "
+                   f"{w['ratio_int8']:.2f}x ORT int8), {w['mb']:.1f} MB; held-out drop {w['heldout_drop']:+.3f} "
+                   f"({'inside' if w['inside_budget'] else 'OUTSIDE'} the {max_drop} budget)")  # fmt: skip
+    else:
+        click.echo("\nno trained trial stayed inside the budget")
+    click.echo(f"report, frontier plot and winner recipe: {folder}/")
 
 
 @main.command()

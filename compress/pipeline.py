@@ -24,7 +24,7 @@ from compress.core.models import load_model, model_kind
 from compress.flows import SCHEMA, Flow, ProfileRequest, ProfileResult, flow_for, flow_named, npu, profiler_for
 from compress.recipe import apply_overrides, check_applicable, load_recipe
 from compress.stages.delta_io import apply_kept, delta_tensors, fingerprint, first_mismatch, load_delta
-from compress.steps import Run, RunConfig, default_out
+from compress.steps import Run, RunConfig, default_out, read_labelled_pairs
 from profiles import DeviceProfile, load_profile, missing_requirements
 
 __all__ = [
@@ -92,11 +92,18 @@ def prepare(cfg: RunConfig) -> tuple[Run, Flow]:
     for spec in recipe.stages:
         if (
             spec.type.level in flow.levels
-            and "base" in spec.type.needs
+            and "base" in spec.type.needs_for(spec.config)
             and not getattr(spec.config, "base", "")
             and not cfg.base
         ):
             raise CompressError(f"{spec.name} needs the base model: pass --base MODEL or set base in the recipe")
+        if spec.type.level in flow.levels and "labels" in spec.type.needs_for(spec.config) and not cfg.train:
+            raise CompressError(
+                f"{spec.name} trains with a task loss and needs labelled pairs: pass --train "
+                "stsb:PATH (e.g. STS-B train), or set its task_loss to 0"
+            )
+    if cfg.train:
+        read_labelled_pairs(cfg.train)
     run_ = Run(cfg=cfg, recipe=recipe, profile=profile, out=out, kind=kind)
     flow.check(run_)
     return run_, flow

@@ -145,7 +145,7 @@ def check_rules(stages: tuple[StageSpec, ...], source: str) -> None:
             f"recipe {source}: torch-level stages must come before ONNX-level stages (export sits between)"
         )
     for i, spec in enumerate(stages):
-        if "earlier_compression" in spec.type.needs and not any(
+        if "earlier_compression" in spec.type.needs_for(spec.config) and not any(
             s.type.compresses and s.type.level == "torch" for s in stages[:i]
         ):
             makers = ", ".join(n for n, t in REGISTRY.items() if t.compresses and t.level == "torch")

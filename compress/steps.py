@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from compress.core import Progress, silent
-from compress.core.data import calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
+from compress.core.data import PairSet, calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
 from compress.core.errors import CompressError, first_line
 from compress.core.evaluate import EvalSpec, parse_eval, search_score
 from compress.core.kinds import ENCODER_GRAPH, ModelKind, encoder_graph
@@ -51,6 +51,7 @@ class RunConfig:
     task: str | None = None
     data: Path | None = None
     base: str | None = None  # the base model a fine-tuned MODEL came from (delta stages)
+    train: str | None = None  # labelled pairs for a recovery's task loss: "stsb:PATH"
     overrides: tuple[tuple[str, str], ...] = ()  # (stage parameter, value text): compress.recipe.apply_overrides
     override_flags: tuple[tuple[str, str], ...] = ()  # (stage parameter, the option it came from), for messages
     force: bool = False
@@ -81,12 +82,22 @@ def default_out(cfg: RunConfig) -> Path:
 
 @dataclass
 class Inputs:
-    """An encoder run's inputs: the loaded model, the parsed evals, calibration and held-out text (never shared)."""
+    """An encoder run's inputs: the loaded model, the parsed evals, calibration and held-out text (never shared),
+    labelled training pairs when --train gives them."""
 
     lm: LoadedModel
     evals: list[EvalSpec]
     calibration: list[str]
     heldout: list[str]
+    labelled: PairSet | None = None
+
+
+def read_labelled_pairs(spec: str) -> PairSet:
+    """--train: "stsb:PATH" (sentence pairs with gold similarity scores, STS-B format)."""
+    kind, _, path = spec.partition(":")
+    if kind != "stsb" or not path:
+        raise CompressError(f"--train {spec!r}: give labelled pairs as stsb:PATH (an STS-B format file)")
+    return read_stsb(path)
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -119,7 +130,7 @@ def load_inputs(cfg: RunConfig, progress: Progress = silent) -> Inputs:
     calibration, heldout = calibration_and_heldout(shipped_sentences())
     if cfg.data is not None:
         calibration = read_texts(cfg.data)
-    return Inputs(lm, evals, calibration, heldout)
+    return Inputs(lm, evals, calibration, heldout, read_labelled_pairs(cfg.train) if cfg.train else None)
 
 
 def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: int = 128) -> tuple[dict, ...]:
@@ -139,24 +150,21 @@ def tokenized_batches(lm: LoadedModel, texts: list[str], batch: int = 8, seq: in
 
 
 def _needs(stages: list[StageSpec]) -> set[str]:
-    return {n for s in stages for n in s.type.needs}
+    return {n for s in stages for n in s.type.needs_for(s.config)}
 
 
-def torch_context(
-    stages: list[StageSpec],
-    lm: LoadedModel,
-    calibration: list[str],
-    progress: Progress = silent,
-    artifact_dir: Path | None = None,
-    base_model: str | None = None,
-) -> TorchContext:
-    """The read-only context of the torch stages: an untouched copy of the model only when a stage needs it."""
+def torch_context(stages: list[StageSpec], lm: LoadedModel, calibration: list[str], progress: Progress = silent,
+                  **inputs) -> TorchContext:  # fmt: skip
+    """The read-only context of the torch stages, filled by need: an untouched copy of the model and the base model
+    only when a stage needs them. ``inputs``: artifact_dir, base_model, labelled, memo (TorchContext's fields)."""
     needs = _needs(stages)
     return TorchContext(
         calibration=tuple(calibration),
         original=copy.deepcopy(lm) if "original" in needs else None,
-        artifact_dir=artifact_dir,
-        base_model=base_model if "base" in needs else None,
+        artifact_dir=inputs.get("artifact_dir"),
+        base_model=inputs.get("base_model") if "base" in needs else None,
+        labelled=inputs.get("labelled"),  # "labels" in needs: refused up front when --train is missing
+        memo=inputs.get("memo"),
         progress=progress,
     )
 
@@ -219,12 +227,12 @@ def _stage_report(spec: StageSpec, metrics: dict, t0: float, **extra) -> dict:
 
 
 def apply_torch_stages(stages: list[StageSpec], lm: LoadedModel, calibration: list[str], progress: Progress = silent,
-                       artifact_dir: Path | None = None, base_model: str | None = None
-                       ) -> tuple[LoadedModel, list[dict]]:  # fmt: skip
-    """Apply torch-level stages in order; each sees the untouched original model and the calibration text."""
+                       **inputs) -> tuple[LoadedModel, list[dict]]:  # fmt: skip
+    """Apply torch-level stages in order; each sees the untouched original model and the calibration text
+    (``inputs``: see torch_context)."""
     if not stages:
         return lm, []
-    ctx = torch_context(stages, lm, calibration, progress, artifact_dir, base_model)
+    ctx = torch_context(stages, lm, calibration, progress, **inputs)
     reports = []
     for i, spec in enumerate(stages):
         progress(f"stage {i + 1}/{len(stages)}: {spec.name}")

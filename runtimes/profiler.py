@@ -106,9 +106,13 @@ def _summarise(times_s: list[float], shape: Shape, threads: int, host: HostInfo)
 
 
 def measure_latency(
-    models: dict[str, Path], cfg: ProfileConfig = ProfileConfig(), on_progress: Callable[[int, int], None] | None = None
+    models: dict[str, Path],
+    cfg: ProfileConfig = ProfileConfig(),
+    on_progress: Callable[[int, int], None] | None = None,
+    feeds: Callable[[object, int, int], dict] = synthetic_feeds,
 ) -> dict[str, list[Latency]]:
-    """Time every model at every shape, interleaved round by round. Returns {label: [Latency per shape]}."""
+    """Time every model at every shape, interleaved round by round. Returns {label: [Latency per shape]}.
+    ``feeds(session, batch, seq)`` makes the inputs (token ids by default)."""
     host = host_info()
     threads = cfg.threads or host.physical_cores
     sessions = {label: cpu_session(path, threads) for label, path in models.items()}
@@ -116,16 +120,16 @@ def measure_latency(
     total, done = len(cfg.shapes) * cfg.runs, 0
     results: dict[str, list[Latency]] = {label: [] for label in labels}
     for shape in cfg.shapes:
-        feeds = {label: synthetic_feeds(s, shape.batch, shape.seq) for label, s in sessions.items()}
+        inputs = {label: feeds(s, shape.batch, shape.seq) for label, s in sessions.items()}
         for label in labels:
             for _ in range(cfg.warmup):
-                sessions[label].run(None, feeds[label])
+                sessions[label].run(None, inputs[label])
         times: dict[str, list[float]] = defaultdict(list)
         for r in range(cfg.runs):
             for k in range(len(labels)):  # rotate the order every round
                 label = labels[(r + k) % len(labels)]
                 t0 = time.perf_counter()
-                sessions[label].run(None, feeds[label])
+                sessions[label].run(None, inputs[label])
                 times[label].append(time.perf_counter() - t0)
             done += 1
             if on_progress:

@@ -29,6 +29,7 @@ from profiles import (
     host_cpu_peak,
     load_profile,
 )
+from runtimes.calibration import GEMM_OPS, Calibration, cached_calibration
 from runtimes.shapes import (
     EMBED_OPS,
     ShapeError,
@@ -83,6 +84,7 @@ class Peaks:
     eff_memory: float
     launch_s: float
     caveats: tuple[str, ...] = ()
+    host: bool = False  # the peaks are this host's CPU (a calibration then applies as measured)
 
     def rate(self, precision: str) -> tuple[str, float] | None:
         """The rate a node of ``precision`` runs at: its own, else the first fallback the profile has."""
@@ -151,7 +153,29 @@ def device_peaks(profile: DeviceProfile) -> Peaks:
         eff_memory=profile.efficiency_memory,
         launch_s=profile.launch_us * 1e-6,
         caveats=tuple(caveats),
+        host=profile.kind == "cpu" and not any(getattr(profile, k) > 0 for k in PEAK_FIELDS),
     )
+
+
+def host_calibration(threads: int = 0) -> Calibration:
+    """This host's GEMM efficiency curve (runtimes.calibration), measured against the host CPU profile's peaks."""
+    rates = dict(device_peaks(load_profile("cpu")).rates)
+    return cached_calibration({"fp32": rates["fp32"], "int8": rates["int8"]}, threads)
+
+
+def _gemm_efficiency(
+    node: onnx.NodeProto, infos: dict, used: str, peaks: Peaks, calibration: Calibration | None
+) -> float:
+    """The compute efficiency a node gets: the profile's, or for a GEMM the calibrated one at its row count (on the
+    host as measured; elsewhere the profile's scaled by the host's shape curve)."""
+    if calibration is None or node.op_type not in GEMM_OPS or node.output[0] not in infos:
+        return peaks.eff_compute
+    out = infos[node.output[0]]
+    rows = max(out.numel // max(out.shape[-1], 1), 1) if out.shape else 1
+    if peaks.host:
+        return calibration.efficiency(used, rows) or peaks.eff_compute
+    factor = calibration.shape_factor(used, rows)
+    return peaks.eff_compute * factor if factor else peaks.eff_compute
 
 
 # --- per-node cost --------------------------------------------------------------------------------
@@ -369,7 +393,12 @@ def is_free(node: onnx.NodeProto, g: GraphView) -> bool:
 
 
 def node_costs(
-    model: onnx.ModelProto, shapes: Shapes, peaks: Peaks, precision: str = "auto", profile_name: str = "this profile"
+    model: onnx.ModelProto,
+    shapes: Shapes,
+    peaks: Peaks,
+    precision: str = "auto",
+    profile_name: str = "this profile",
+    calibration: Calibration | None = None,
 ) -> tuple[list[NodeCost], list[str]]:
     """Every working node's roofline time, plus caveats about what the count left out or assumed."""
     g = graph_view(model, shapes)
@@ -406,7 +435,7 @@ def node_costs(
             if used != RATE_FALLBACK[p][0]:
                 entry = swapped.setdefault((p, used), [0, 0])
                 entry[0], entry[1] = entry[0] + 1, entry[1] + macs
-            compute_s = 2 * macs / (rate * peaks.eff_compute)
+            compute_s = 2 * macs / (rate * _gemm_efficiency(node, shapes.infos, used, peaks, calibration))
         elif p in ("fp32", "fp16") and not (rates["fp32"] or rates["fp16"]):
             float_ops[node.op_type] = float_ops.get(node.op_type, 0) + 1
         memory_s = (act / peaks.bandwidth + weight / peaks.weight_bandwidth) / peaks.eff_memory
@@ -460,8 +489,12 @@ def estimate(
     precision: str = "auto",
     *,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    calibration: Calibration | None = None,
 ) -> dict:
     """Roofline latency of one ONNX graph on one device profile at (batch, seq), labelled analytic.
+
+    ``calibration`` (``host_calibration()``): GEMM efficiency by row count measured on this host, used as measured
+    for the host profile and as a shape curve scaling the profile's efficiency elsewhere.
 
     ``precision``: "auto" reads it from the graph (MatMulInteger / QAttention / DynamicQuantizeMatMul and QDQ
     pairs are int8, MatMulNBits 4-bit weights, else the float type); "fp32" | "fp16" | "int8" | "int4" count every
@@ -477,8 +510,11 @@ def estimate(
         shapes = infer_shapes(model, concrete_inputs(model, batch, seq, input_shapes))
     except ShapeError as e:
         raise RooflineError(str(e)) from None
-    costs, notes = node_costs(model, shapes, peaks, precision, prof.name)
+    costs, notes = node_costs(model, shapes, peaks, precision, prof.name, calibration)
     total_s = sum(c.seconds for c in costs)
+    if calibration is not None:
+        how = "as measured" if peaks.host else "as a shape curve scaling this profile's efficiency (an assumption)"
+        notes.append(f"GEMM compute efficiency by row count calibrated on this host ({calibration.host}), {how}")
     caveats = [
         f"analytic roofline, not a measurement: {prof.efficiency_compute:.0%} of peak compute and "
         f"{prof.efficiency_memory:.0%} of peak bandwidth assumed for every node",

@@ -85,9 +85,13 @@ def test_every_registered_stage_builds_with_its_defaults(name):
     st = REGISTRY[name]
     cfg = st.config()  # every parameter has a default that works
     assert dataclasses.is_dataclass(cfg) and st.name == name and st.level in ("torch", "onnx")
-    assert set(st.needs) <= set(NEEDS) and st.kinds
+    assert set(st.needs_for(cfg)) <= set(NEEDS) and st.kinds
     assert isinstance(st.precisions(cfg), tuple)
-    spec = parse_recipe({"stages": [{"type": name}]}, "x", "x.toml") if "earlier_compression" not in st.needs else None
+    spec = (
+        parse_recipe({"stages": [{"type": name}]}, "x", "x.toml")
+        if "earlier_compression" not in st.needs_for(cfg)
+        else None
+    )
     assert spec is None or spec.stages[0].config == cfg
 
 

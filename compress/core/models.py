@@ -45,6 +45,9 @@ class LoadedModel:
     # Linear layers whose weights a stage put on an int4 grid: module name -> Int4Format. The exporter packs
     # exactly these into MatMulNBits after the float export (compress.stages.int4).
     int4_layers: dict = field(default_factory=dict)
+    # Blocks a depth-pruning stage kept, as indices into the original's blocks (empty: all of them, in order). The
+    # recovery's intermediate-layer distillation maps each kept block to the original's hidden states with it.
+    kept_blocks: tuple[int, ...] = ()
 
     @property
     def config(self) -> Any:

@@ -81,7 +81,7 @@ class EncoderFlow:
         baseline, parity_original = gated_export(lm, baseline_dir, heldout, reference)
 
         lm, reports = apply_torch_stages(
-            torch_stages, lm, calibration, progress, artifact_dir=staging, base_model=cfg.base
+            torch_stages, lm, calibration, progress, artifact_dir=staging, base_model=cfg.base, labelled=inputs.labelled
         )
         stage_reports += reports
         current, float_dir, parity_float = baseline, baseline_dir, parity_original

@@ -114,7 +114,7 @@ class NpuFlow:
                 f"{run.profile.name} quantizes with its own tool"
             )
         lm, stage_reports = apply_torch_stages(
-            torch_stages, lm, calibration, progress, artifact_dir=staging, base_model=cfg.base
+            torch_stages, lm, calibration, progress, artifact_dir=staging, base_model=cfg.base, labelled=inputs.labelled
         )
         if backend(run.profile) == "qnn":
             section, results = run_qnn(lm, run.profile, calibration, heldout, evals, shape, staging, work, progress)

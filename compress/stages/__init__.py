@@ -9,12 +9,14 @@ from compress.stages.delta import DeltaPrune, apply_delta_prune
 from compress.stages.graph import GraphOptimize, apply_graph_optimize
 from compress.stages.hybrid import HybridQuant, apply_hybrid
 from compress.stages.int4 import Int4Quant, apply_int4
+from compress.stages.layers import LayerPrune, apply_layers
 from compress.stages.lowrank import LowRank, apply_eora, apply_svd
 from compress.stages.mixed import MixedQuant, apply_mixed
 from compress.stages.mixed_report import mixed_markdown, plot_mixed
 from compress.stages.nm import NMPrune, apply_nm
 from compress.stages.prune import GradualPrune, apply_gradual
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
+from compress.stages.recover import Recover, apply_recover, recover_needs
 
 ALL_KINDS = ("encoder", "causal-lm", "seq2seq")
 
@@ -30,6 +32,11 @@ _STAGES = (
     StageType("prune.nm", "torch", NMPrune, apply_nm, "N:M sparsity: one-shot magnitude, or trained with progressive "
               "gradient flow (MDGF / SDGF) or SR-STE, recovered by distillation", needs=frozenset({"original"}),
               compresses=True),
+    StageType("prune.layers", "torch", LayerPrune, apply_layers, "depth pruning: whole blocks removed by measured "
+              "importance (block influence or first-order Taylor); follow with recover",
+              needs=lambda cfg: frozenset({"original"} if cfg.importance == "taylor" else ()), compresses=True),
+    StageType("recover", "torch", Recover, apply_recover, "recovery training after structural pruning: task loss "
+              "(CoSENT on --train pairs) + output and intermediate-layer distillation", needs=recover_needs),
     StageType("prune.delta", "torch", DeltaPrune, apply_delta_prune, "delta-parameter pruning against --base (DARE, "
               "DAREx-q, magnitude, importance); writes delta.safetensors", needs=frozenset({"base"})),
     StageType("lowrank.eora", "torch", LowRank, apply_eora,

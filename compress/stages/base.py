@@ -9,8 +9,8 @@ A registry entry (``StageType``) also declares, so the pipeline can check a reci
 the stage's context by need:
 - ``kinds``: the model kinds the stage is built for (``encoder``, ``causal-lm``, ``seq2seq``);
 - ``precisions(cfg)``: the precisions the artefact gets from it, named as ``profiles/*.toml`` name them;
-- ``needs``: the expensive context it reads (``NEEDS``); the cheap inputs (calibration text, host facts,
-  progress, the side-artefact folder) are always there;
+- ``needs``: the expensive context it reads (``NEEDS``), a set or a function of the config; the cheap inputs
+  (calibration text, host facts, progress, the side-artefact folder) are always there;
 - ``compresses``: whether it changes weights lossily (a compensation stage needs such a stage before it);
 - ``report`` / ``plot``: optional renderers of its metrics for report.md and a plot file beside it.
 """
@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from compress.core import Progress
+from compress.core.data import PairSet
 from compress.core.errors import CompressError
 from compress.core.kinds import MODEL_KINDS, ModelKind
 from runtimes.host import HostInfo
@@ -35,8 +36,9 @@ Level = Literal["torch", "onnx"]
 # base         - the model a fine-tuned MODEL came from (--base or the stage's `base`)
 # torch_model  - the float torch model beside an ONNX-level stage (sensitivities)
 # scorer       - the run's first --eval as a function of an ONNX file (searches)
+# labels       - labelled training pairs (--train), for a task loss
 # earlier_compression - a recipe rule: an earlier torch stage must have compressed the weights
-NEEDS = ("original", "base", "torch_model", "scorer", "earlier_compression")
+NEEDS = ("original", "base", "torch_model", "scorer", "labels", "earlier_compression")
 
 
 class StageError(CompressError):
@@ -76,6 +78,8 @@ class TorchContext:
     artifact_dir: Path | None = None  # where a stage may write a side artefact (e.g. delta.safetensors)
     base_model: str | None = None  # needs "base": --base MODEL, the pre-fine-tuning model
     progress: Progress | None = None  # training stages report steps here (the CLI shows them)
+    labelled: PairSet | None = None  # needs "labels": --train pairs with gold scores (STS-B format)
+    memo: dict | None = None  # results a stage may reuse across runs of one process (a search's trials)
 
 
 def no_precisions(cfg: Any) -> tuple[str, ...]:
@@ -91,12 +95,17 @@ class StageType:
     summary: str
     kinds: tuple[ModelKind, ...] = ("encoder",)
     precisions: Callable[[Any], tuple[str, ...]] = no_precisions
-    needs: frozenset[str] = field(default_factory=frozenset)
+    needs: frozenset[str] | Callable[[Any], frozenset[str]] = field(default_factory=frozenset)
     compresses: bool = False
     report: Callable[[dict], list[str]] | None = None
     plot: Callable[[dict, Path], None] | None = None
 
+    def needs_for(self, cfg: Any) -> frozenset[str]:
+        """What this stage needs with this config (``needs`` may depend on it, e.g. a task loss needs labels)."""
+        return frozenset(self.needs(cfg) if callable(self.needs) else self.needs)
+
     def __post_init__(self) -> None:  # a registry typo fails at import, not in a user's run
-        unknown = set(self.needs) - set(NEEDS) or set(self.kinds) - set(MODEL_KINDS)
+        needs = self.needs_for(self.config()) if callable(self.needs) else self.needs
+        unknown = set(needs) - set(NEEDS) or set(self.kinds) - set(MODEL_KINDS)
         if unknown or self.level not in ("torch", "onnx"):
             raise TypeError(f"stage {self.name}: unknown level/needs/kinds {sorted(unknown) or self.level}")

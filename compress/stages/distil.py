@@ -42,6 +42,17 @@ def distil_loss(student, teacher, task: str):
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
 
 
+def cosent(first, second, gold, scale: float = 20.0):
+    """CoSENT (Su 2022): for every pair (i, j) whose gold score says i should be more similar than j, penalise
+    scale * (cos_j - cos_i) through log(1 + sum exp(.)). first, second: (B, D) embeddings; gold: (B,)."""
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(first, second, dim=-1) * scale
+    diff = cos[None, :] - cos[:, None]  # diff[i, j] = cos_j - cos_i
+    diff = diff[gold[:, None] > gold[None, :]]
+    return torch.logsumexp(torch.cat([torch.zeros(1, dtype=diff.dtype), diff]), dim=0)
+
+
 def _show(status: Status) -> str:
     return "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in status.items())
 
@@ -66,6 +77,9 @@ def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, b
     import torch
 
     learning_rate, batch_size, seed = cfg.learning_rate, cfg.batch_size, cfg.seed
+    if steps == 0:  # one-shot: the schedule's last update only, no training (a `recover` stage may follow)
+        status = before_step(0)
+        return {"trajectory": [{"step": 0, **status}], "training_minutes": 0.0, "steps": 0, "distillation": "none"}
 
     texts = list(ctx.calibration)
     if len(texts) < batch_size:

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from compress.core.models import linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import distil_train
+from compress.stages.layers import taylor_scores
+from compress.stages.structure import transformer
 
 GRANULARITIES = ("unstructured", "channel", "head")
+IMPORTANCE = ("magnitude", "taylor")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class GradualPrune:
     learning_rate: float = 5e-5
     batch_size: int = 16
     layers: tuple[str, ...] = ("*encoder*",)  # fnmatch over nn.Linear names (unstructured only)
+    importance: str = "magnitude"  # magnitude | taylor (channel / head: first-order, LLM-Pruner's group score)
+    samples: int = 128  # calibration sentences (or --train pairs) for the Taylor scores
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,10 +57,17 @@ class GradualPrune:
             raise StageError("prune.gradual: need 0 <= begin_step <= end_step <= total_steps and frequency >= 1")
         if self.learning_rate <= 0 or self.batch_size < 1:
             raise StageError("prune.gradual: learning_rate must be > 0 and batch_size >= 1")
+        if self.importance not in IMPORTANCE or (self.importance == "taylor" and self.granularity == "unstructured"):
+            raise StageError(
+                f"prune.gradual: importance='{self.importance}' must be magnitude, or taylor for "
+                "channel / head granularity"
+            )
 
 
 def cubic_sparsity(step: int, cfg: GradualPrune) -> float:
     """Sparsity target at an optimizer step (held at s_i before begin_step, s_f after end_step)."""
+    if step >= cfg.end_step:  # also one-shot pruning: begin_step = end_step = total_steps = 0
+        return cfg.final_sparsity
     if step < cfg.begin_step:
         return cfg.initial_sparsity
     span = max(cfg.end_step - cfg.begin_step, 1)
@@ -67,10 +79,35 @@ def cubic_sparsity(step: int, cfg: GradualPrune) -> float:
 
 
 def _encoder(lm):
-    return lm.model[0].auto_model if lm.task == "sentence-embedding" else getattr(lm.model, lm.model.base_model_prefix)
+    return transformer(lm)
 
 
-def _groups(lm, cfg: GradualPrune):
+def _taylor_units(lm, ctx: TorchContext, cfg: GradualPrune) -> list:
+    """Per layer, the first-order Taylor importance of each FFN neuron / head (LLM-Pruner's vector-wise group
+    score): |sum over the unit's coupled weights and biases of w * dL/dw|, summed over calibration batches."""
+    layers = list(_encoder(lm).encoder.layer)
+
+    def units() -> list:
+        out = []
+        for layer in layers:
+            if cfg.granularity == "channel":
+                w1, w2 = layer.intermediate.dense, layer.output.dense
+                g = (w1.weight * w1.weight.grad).sum(1) + w1.bias * w1.bias.grad + (w2.weight * w2.weight.grad).sum(0)
+            else:
+                att = layer.attention
+                heads, size = att.self.num_attention_heads, att.self.attention_head_size
+                g = sum((lin.weight * lin.weight.grad).reshape(heads, size, -1).sum((1, 2))
+                        + (lin.bias * lin.bias.grad).reshape(heads, size).sum(1)
+                        for lin in (att.self.query, att.self.key, att.self.value))  # fmt: skip
+                o = att.output.dense
+                g = g + (o.weight * o.weight.grad).reshape(-1, heads, size).sum((0, 2))
+            out.append(g.detach().abs())
+        return out
+
+    return taylor_scores(lm, ctx, list(ctx.calibration[: cfg.samples]), cfg.batch_size, units)
+
+
+def _groups(lm, cfg: GradualPrune, ctx: TorchContext):
     """(name, unit-score function, [(module, how the unit mask expands onto its weight)]) per layer."""
 
     if cfg.granularity == "unstructured":
@@ -79,21 +116,28 @@ def _groups(lm, cfg: GradualPrune):
             raise StageError(f"prune.gradual: no nn.Linear matches {list(cfg.layers)}")
         return [(name, lambda m=mod: m.weight.detach().abs(), [(mod, None)]) for name, mod in layers.items()]
     groups = []
+    taylor = _taylor_units(lm, ctx, cfg) if cfg.importance == "taylor" else None
     for i, layer in enumerate(_encoder(lm).encoder.layer):
+        if taylor is not None:  # fixed first-order scores, computed once on the unpruned model
+            score = lambda t=taylor[i]: t
         if cfg.granularity == "channel":
             w1, w2 = layer.intermediate.dense, layer.output.dense
-            score = lambda w1=w1, w2=w2: w1.weight.detach().norm(dim=1) * w2.weight.detach().norm(dim=0)
+            if taylor is None:
+                score = lambda w1=w1, w2=w2: w1.weight.detach().norm(dim=1) * w2.weight.detach().norm(dim=0)
             groups.append((f"layer.{i}.ffn", score, [(w1, "rows"), (w2, "cols")]))
         else:
             att = layer.attention
             heads, size = att.self.num_attention_heads, att.self.attention_head_size
 
-            def score(att=att, heads=heads, size=size):
+            def magnitude(att=att, heads=heads, size=size):
                 rows = [
                     getattr(att.self, k).weight.detach().reshape(heads, size, -1) for k in ("query", "key", "value")
                 ]
                 cols = att.output.dense.weight.detach().reshape(-1, heads, size).transpose(0, 1)
                 return sum(r.flatten(1).norm(dim=1) for r in rows) * cols.flatten(1).norm(dim=1)
+
+            if taylor is None:
+                score = magnitude
 
             groups.append(
                 (
@@ -185,7 +229,7 @@ def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
 def apply_gradual(cfg: GradualPrune, lm, ctx: TorchContext):
     from torch.nn.utils import prune as tprune
 
-    groups = _groups(lm, cfg)
+    groups = _groups(lm, cfg, ctx)
     updates = set(range(cfg.begin_step, cfg.end_step + 1, cfg.frequency)) | {cfg.end_step}
     state = {"sparsity": 0.0, "per_layer": []}
 
