@@ -393,7 +393,13 @@ def generative_card(report: dict, files: list[str]) -> str:
         "",
     ]
     gen_files = {
-        "model.onnx": "decoder with past key/values (optimum's names: past_key_values.N.key/value -> present.N.key/value)"
+        "model.onnx": "decoder with past key/values (optimum's names: past_key_values.N.key/value -> present.N.key/value)",
+        "encoder_model.onnx": "the encoder",
+        "decoder_model.onnx": "the decoder's first step",
+        "decoder_with_past_model.onnx": "the decoder's later steps, with past key/values",
+        "config.json": "the model config (Optimum reads it)",
+        "tokenizer.json": "the tokenizer",
+        "plot.png": "first-token latency and tokens/s, original and compressed",
     }
     lines += _table(["file", "what"], [[f"`{f}`", gen_files.get(f) or describe_file(f)] for f in files])
     p = report["parity"]["artifact"]

@@ -177,7 +177,6 @@ class GenerativeFlow:
 
     def write(self, report: dict, folder: Path) -> None:
         (folder / "report.md").write_text(markdown(report))
-        (folder / "README.md").write_text(generative_card(report, sorted(f.name for f in folder.iterdir())))
         plot(
             {
                 "original fp32": report["baseline_latency"],
@@ -186,6 +185,8 @@ class GenerativeFlow:
             folder / "plot.png",
             f"{report['model']['name']} on {report['target']['name']}: first token and throughput",
         )
+        files = sorted({f.name for f in folder.iterdir() if f.is_file()} | {"README.md"})
+        (folder / "README.md").write_text(generative_card(report, files))
 
     def profiles(self, artifact: Path, profile: DeviceProfile) -> bool:
         return profile.kind == "cpu" and artifact_kind(artifact) is not None
