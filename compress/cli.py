@@ -27,6 +27,7 @@ from compress.search import search as search_command
 from compress.stages import REGISTRY
 from compress.steps import RunConfig, onnx_file
 from profiles import available_profiles, load_profile
+from runtimes.mobile import mobile_coverage
 from runtimes.profiler import ProfileConfig, Shape
 from runtimes.roofline import estimate
 
@@ -150,11 +151,20 @@ def main() -> None:
     help="Set a stage parameter of the recipe (every stage that has it), e.g. --set steps=400 (repeatable).",
 )
 @click.option("--new-tokens", default=32, show_default=True, help="Generative models: tokens generated per timed run.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["onnx", "ort"]),
+    default="onnx",
+    show_default=True,
+    help="ort: also write onnx/model.ort for ORT Mobile, with NNAPI / Core ML coverage in the report.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def run(sets, max_drop, min_drop, shapes, runs, threads, evals, **fields) -> None:
+def run(sets, max_drop, min_drop, shapes, runs, threads, evals, fmt, **fields) -> None:
     """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
     overrides, flags = _overrides(sets, max_drop=max_drop, min_drop=min_drop)
     cfg = RunConfig(**fields, evals=tuple(evals) or ("fidelity",), overrides=overrides, override_flags=flags,
+                    formats=("onnx", fmt) if fmt != "onnx" else ("onnx",),
                     latency=_latency_config(shapes, runs, threads))  # fmt: skip
     folder, report = pipeline.run(cfg, progress=_Clock(), on_latency=_latency_progress())
     click.echo("")
@@ -222,7 +232,16 @@ def _estimate(artifact: Path, profile, shapes) -> tuple[list[str], dict]:
         for r in rows
     ]
     lines.append("caveats:\n" + "\n".join(f"  - {c}" for c in rows[0]["caveats"]))
-    return lines, {"target": profile.name, "estimates": rows}
+    data = {"target": profile.name, "estimates": rows}
+    if profile.mobile:  # a phone-class target: how much of the graph NNAPI / Core ML would take (ORT Mobile)
+        data["mobile_coverage"] = mobile_coverage(path)
+        lines.append(f"ORT Mobile on a {profile.form_factor} (ORT's mobile usability checker; nodes the EP takes):")
+        lines += [
+            f"  {key:<30} {v['supported_nodes']:>5}/{v['nodes']:<5} {v['coverage_pct']:5.1f}%  "
+            f"{v['partitions']:>3} partitions  {v['suitability']}"
+            for key, v in data["mobile_coverage"].items()
+        ]
+    return lines, data
 
 
 def _duration(text: str) -> float:

@@ -69,6 +69,11 @@ def resolve_target(name: str) -> DeviceProfile:
 
 # ---- compress run ---------------------------------------------------------------------------------------------
 
+DEFAULT_RECIPE = "cpu-default"
+# What cpu-default means for the model kinds its stage (quant.hybrid, encoders) is not built for: plain dynamic int8,
+# the generative flow's default before and after issue 14 (README, "Generative models").
+KIND_DEFAULTS = {"causal-lm": "dynamic-int8", "seq2seq": "dynamic-int8"}
+
 
 def prepare(cfg: RunConfig) -> tuple[Run, Flow]:
     """Everything validated before any heavy work starts: the recipe (with --max-drop etc.), the target, the output
@@ -81,7 +86,15 @@ def prepare(cfg: RunConfig) -> tuple[Run, Flow]:
     if cfg.data is not None:
         read_texts(cfg.data)
     kind = model_kind(cfg.model, cfg.task)
+    if recipe.name == DEFAULT_RECIPE and kind in KIND_DEFAULTS:  # cpu-default's quant.hybrid is built for encoders
+        recipe = apply_overrides(load_recipe(KIND_DEFAULTS[kind]), dict(cfg.overrides), dict(cfg.override_flags))
     flow = flow_for(kind, profile)
+    extra = [f for f in cfg.formats if f not in flow.formats]
+    if extra:
+        raise CompressError(
+            f"--format {extra[0]} is not made for {kind} artefacts (the {flow.name} flow writes "
+            f"{', '.join(flow.formats)}): drop --format {extra[0]}"
+        )
     check_applicable(recipe, kind, profile, flow.levels, flow.strict_precisions(profile))
     for spec in recipe.stages:
         if (

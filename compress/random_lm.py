@@ -5,7 +5,8 @@ the weights are random, so the text they generate is gibberish, but every graph,
     python -m compress.random_lm gpt2-tiny runs/gpt2-tiny      # then: compress run runs/gpt2-tiny --recipe dynamic-int8
 
 Configs (parameter counts printed on save):
-- ``gpt2-tiny`` / ``t5-tiny``: 2 layers, width 32 (tests).
+- ``gpt2-tiny`` / ``t5-tiny`` / ``llama-tiny``: 2 layers, width 32 (tests); llama-tiny has grouped-query attention
+  (4 query heads over 2 key/value heads).
 - ``t5-small``: the published t5-small config (d_model 512, d_kv 64, d_ff 2048, 6 encoder + 6 decoder layers,
   8 heads, relative attention, vocab 32128, tied embeddings): 60.5 M parameters.
 - ``gpt2-narrow``: GPT-2 small's architecture (pre-LN, learned positions, GELU, FFN 4x) narrowed to t5-small's
@@ -29,6 +30,11 @@ def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
         # initializer_range 0.5: sharper random logits, so greedy tokens vary (a parity check that can fail)
         "gpt2-tiny": ("gpt2", dict(vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=4,
                                    initializer_range=0.5, bos_token_id=0, eos_token_id=0)),
+        # grouped-query attention (4 query heads over 2 key/value heads), rotary positions, untied head
+        "llama-tiny": ("llama", dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     initializer_range=0.5, bos_token_id=0, eos_token_id=0,
+                                     tie_word_embeddings=False)),
         "t5-tiny": ("t5", dict(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                initializer_factor=8.0, decoder_start_token_id=1, pad_token_id=1, eos_token_id=0)),
         "t5-small": ("t5", dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
@@ -72,7 +78,15 @@ def train_tokenizer(vocab_size: int = 512) -> Any:
 def build(name: str, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer) for one of ``NAMES``, weights drawn with ``seed``."""
     import torch
-    from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     tokenizer = train_tokenizer()
     configs = _configs(len(tokenizer))
@@ -82,6 +96,9 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(**kw))
+        tokenizer.padding_side = "left"
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw))
         tokenizer.padding_side = "left"
     else:
         model = T5ForConditionalGeneration(T5Config(**kw))

@@ -57,7 +57,7 @@ from compress.steps import (
     onnx_context,
     read_labelled_pairs,  # fmt: skip
 )
-from export.onnx_export import copy_app_files
+from export.layout import write_encoder_layout
 from profiles import DeviceProfile, load_profile
 from runtimes.encode import ort_outputs
 from runtimes.host import host_info
@@ -65,15 +65,22 @@ from runtimes.ort import cpu_session
 from runtimes.profiler import ProfileConfig, Shape, measure_latency
 from runtimes.roofline import estimate, host_calibration
 
-# The space: what a trial chooses. Precisions: "int8-static" (calibrated QDQ: the same embedding whatever the batch),
-# "int8-dynamic" (ORT dynamic int8: faster here, but batch-dependent: only with --allow-batch-dependent).
+# The space: what a trial chooses. Precisions: "int8-hybrid" (quant.hybrid, what cpu-default holds: calibrated fixed
+# scales + per-token scales for the FFN down-projection; the same embedding whatever the batch), "int8-static"
+# (calibrated QDQ: batch-independent too, slower here), "int8-dynamic" (ORT dynamic int8: batch-dependent, only with
+# --allow-batch-dependent). README, "Batch-independent embeddings".
 SPACE: dict[str, tuple] = {
     "blocks": (2, 3, 4, 5, 6),
     "ffn_keep": (0.25, 0.5, 0.75, 1.0),
     "heads_keep": (0.75, 1.0),
-    "precision": ("int8-static", "int8-dynamic"),
+    "precision": ("int8-hybrid", "int8-static", "int8-dynamic"),
 }
-BATCH_CONSISTENT = ("int8-static",)
+BATCH_CONSISTENT = ("int8-hybrid", "int8-static")
+QUANT_STAGE = {
+    "int8-hybrid": {"type": "quant.hybrid"},
+    "int8-static": {"type": "quant.static", "exclude": ["*[0-9]/output/dense/MatMul"]},
+    "int8-dynamic": {"type": "quant.dynamic"},
+}
 PROBE_SHARE = 0.3  # at most this share of the budget goes to timing architectures before any training
 MAX_SKIPS = 40  # the sampler's proposals that cannot win in a row before the search stops early
 
@@ -124,10 +131,7 @@ def trial_stages(params: dict, n_blocks: int, steps: int, labelled: bool, teache
     if train and stages:
         stages.append({"type": "recover", "steps": steps, "task_loss": 1.0 if labelled else 0.0,
                        "teacher": teacher if labelled else "original"})  # fmt: skip
-    if params["precision"] == "int8-dynamic":
-        stages.append({"type": "quant.dynamic"})
-    else:
-        stages.append({"type": "quant.static", "exclude": ["*[0-9]/output/dense/MatMul"]})
+    stages.append(copy.deepcopy(QUANT_STAGE[params["precision"]]))
     return stages
 
 
@@ -553,10 +557,9 @@ def finish(
             write_text(staging / "winner.toml", recipe_toml(
                 "search-winner", f"compress search winner (trial {winner.number}) for {cfg.model} on {cfg.target}",
                 w["stages"]))  # fmt: skip
-            art = staging / "winner"
-            art.mkdir()
-            shutil.copy2(path, art / "model.onnx")
-            copy_app_files(path.parent, art)
+            lm = search.lm  # the winner in the folder layout every consumer loads (README, "What lands ...")
+            write_encoder_layout(path, path.parent, lm.path, staging / "winner", lm.task == "sentence-embedding",
+                                 lm.max_length)  # fmt: skip
         else:
             report["winner"] = None
         (staging / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -24,12 +24,12 @@ from compress.core import Progress, silent
 from compress.core.data import PairSet, calibration_and_heldout, read_labelled, read_stsb, read_texts, shipped_sentences
 from compress.core.errors import CompressError, first_line
 from compress.core.evaluate import EvalSpec, parse_eval, search_score
-from compress.core.kinds import ModelKind
+from compress.core.kinds import ENCODER_GRAPH, ModelKind, encoder_graph
 from compress.core.models import LoadedModel, detect_task, load_model, max_positions, resolve_path, torch_outputs
 from compress.recipe import Recipe, StageSpec
 from compress.stages import OnnxContext, Scorer, StageError, TorchContext
 from export.int4_pack import pack_int4
-from export.onnx_export import MODEL_FILE, export_onnx
+from export.onnx_export import export_onnx
 from export.verify import FLOAT_COSINE_MIN, Parity, verify_against_torch
 from profiles import DeviceProfile
 from runtimes.encode import ort_outputs
@@ -55,6 +55,7 @@ class RunConfig:
     overrides: tuple[tuple[str, str], ...] = ()  # (stage parameter, value text): compress.recipe.apply_overrides
     override_flags: tuple[tuple[str, str], ...] = ()  # (stage parameter, the option it came from), for messages
     force: bool = False
+    formats: tuple[str, ...] = ("onnx",)  # "ort" adds onnx/model.ort (ORT Mobile) beside the ONNX graph
     latency: ProfileConfig = field(default_factory=ProfileConfig)
     new_tokens: int = 32  # generative models: tokens generated per timed run
 
@@ -327,11 +328,14 @@ def estimate_row(path: Path, profile: DeviceProfile, batch: int, seq: int, preci
 
 
 def onnx_file(path: Path) -> Path:
-    """An artefact folder's model.onnx, or the .onnx file itself, checked to be a valid ONNX model."""
+    """An artefact folder's graph (``onnx/model.onnx``, or ``model.onnx`` in older and NPU folders), or the .onnx
+    file itself, checked to be a valid ONNX model."""
     if path.is_dir():
-        path = path / MODEL_FILE
+        path = encoder_graph(path)
     if not path.is_file():
-        raise CompressError(f"{path} not found: pass an artefact folder holding model.onnx, or an .onnx file")
+        raise CompressError(
+            f"{path} not found: pass an artefact folder holding {ENCODER_GRAPH} (or model.onnx), or an .onnx file"
+        )
     try:
         onnx.checker.check_model(str(path))
     except Exception as e:

@@ -22,6 +22,10 @@ from compress.core.errors import CompressError
 PROFILE_DIR = Path(__file__).parent
 
 KINDS = ("cpu", "gpu", "npu")
+# What kind of device carries the target. "phone" and "tablet" are where apps ship ORT Mobile with NNAPI (Android) or
+# Core ML (Apple): their reports carry the mobile usability checker's partition coverage (runtimes.mobile).
+FORM_FACTORS = ("", "phone", "tablet", "laptop", "desktop", "server", "board", "embedded")
+MOBILE_FORM_FACTORS = ("phone", "tablet")
 LATENCY_SOURCES = ("measured", "vendor_model", "analytic")
 # Figures a profile may mark as uncertain (the roofline repeats them in its caveats).
 NUMERIC_FIELDS = (
@@ -66,10 +70,16 @@ class DeviceProfile:
     uncertain: tuple[str, ...] = ()  # names of the fields above whose figures are uncertain
     requires: tuple[str, ...] = ()  # python modules needed to measure or simulate the target
     options: tuple[tuple[str, str], ...] = ()  # back-end options ([options] table): Vela configs, QNN soc_model
+    form_factor: str = ""  # FORM_FACTORS: the device class that carries the target ("" = not said)
     source_file: str = field(default="", compare=False)
 
     def option(self, key: str, default: str = "") -> str:
         return dict(self.options).get(key, default)
+
+    @property
+    def mobile(self) -> bool:
+        """A phone-class target: apps there run ORT Mobile with NNAPI or Core ML."""
+        return self.form_factor in MOBILE_FORM_FACTORS
 
 
 def available_profiles() -> dict[str, Path]:
@@ -100,8 +110,8 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> DeviceProfile:
     missing = [k for k in required if k not in data]
     if missing:
         raise ProfileError(f"profile {source}: missing key(s) {', '.join(missing)}")
-    for key, allowed in (("kind", KINDS), ("latency_source", LATENCY_SOURCES)):
-        if data[key] not in allowed:
+    for key, allowed in (("kind", KINDS), ("latency_source", LATENCY_SOURCES), ("form_factor", FORM_FACTORS)):
+        if key in data and data[key] not in allowed:
             raise ProfileError(f"profile {source}: {key} = {data[key]!r}; use one of {', '.join(allowed)}")
     out = {}
     for key, value in data.items():
@@ -115,7 +125,7 @@ def profile_from_dict(data: dict, source: str = "<dict>") -> DeviceProfile:
             if not all(isinstance(v, str) for v in value):
                 raise ProfileError(f"profile {source}: {key} must be a list of strings")
             out[key] = tuple(value)
-        elif key in ("name", "description", "kind", "runtime", "execution_provider", "latency_source"):
+        elif key in ("name", "description", "kind", "runtime", "execution_provider", "latency_source", "form_factor"):
             if not isinstance(value, str):
                 raise ProfileError(f"profile {source}: {key} must be a string")
             out[key] = value

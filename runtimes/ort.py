@@ -10,9 +10,22 @@ import onnxruntime as ort
 CPU_EP = "CPUExecutionProvider"
 
 
-def cpu_session(path: str | Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """A CPU session with fixed intra-op threads (the measurement stays comparable across variants)."""
+# ORT graph-optimisation levels by name (what a consumer may run an artefact at; ORT's default is "all").
+LEVELS = {
+    "disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def cpu_session(
+    path: str | Path, threads: int, profile_prefix: str | None = None, level: str = "all"
+) -> ort.InferenceSession:
+    """A CPU session with fixed intra-op threads (the measurement stays comparable across variants), at one of
+    ORT's graph-optimisation ``LEVELS``."""
     so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -56,3 +69,28 @@ def select_feeds(session: ort.InferenceSession, encoded: dict[str, np.ndarray]) 
         else:
             raise ValueError(f"the ONNX graph wants input '{name}', which the tokenizer does not produce")
     return feeds
+
+
+def tensor_ranges(
+    path: str | Path, names: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, tuple[float, float]]:
+    """(min, max) of intermediate tensors over calibration feeds, the graph run unoptimised (every tensor exists).
+    Token positions the attention mask marks as padding do not count (tensors shaped [batch, seq, ...])."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for name in names:
+        model.graph.output.append(onnx.helper.make_value_info(name, onnx.TypeProto()))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS["disable_all"]
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=[CPU_EP])
+    lo, hi = dict.fromkeys(names, np.inf), dict.fromkeys(names, -np.inf)
+    for feed in feeds:
+        mask = np.asarray(feed["attention_mask"]).astype(bool) if "attention_mask" in feed else None
+        for name, value in zip(names, sess.run(names, select_feeds(sess, feed))):
+            if mask is not None and value.shape[: mask.ndim] == mask.shape:
+                value = value[mask]
+            if value.size:
+                lo[name], hi[name] = min(lo[name], float(value.min())), max(hi[name], float(value.max()))
+    return {n: (lo[n], hi[n]) for n in names}

@@ -10,7 +10,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_STSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb"
+# ../shared beside the checkout (a worktree sits one level deeper: look upwards)
+SHARED_STSB = next(
+    (p / "shared" / "data" / "stsb" for p in Path(__file__).resolve().parents[1:] if (p / "shared").is_dir()),
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "stsb",
+)
 
 
 def _minilm_dir() -> Path:
@@ -87,3 +91,19 @@ def stsb_dev() -> Path:
     if not dev.is_file():
         pytest.skip("../shared/data/stsb/sts-dev.csv is not present")
     return dev
+
+
+@pytest.fixture(scope="session")
+def minilm_run(tmp_path_factory, stsb_small):
+    """`compress run minilm` with the default recipe and --format ort: (folder, stdout). The folder every consumer
+    test loads unchanged (tests/test_consumers.py) and the end-to-end checks read (tests/test_end_to_end.py)."""
+    from click.testing import CliRunner
+
+    from compress.cli import main
+
+    out = tmp_path_factory.mktemp("e2e") / "minilm-cpu-default"
+    args = ["run", "minilm", "--target", "cpu", "--out", str(out), "--runs", "5", "--shapes", "1x32,4x32"]
+    args += ["--eval", f"stsb:{stsb_small}", "--eval", "fidelity", "--format", "ort"]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out, res.output

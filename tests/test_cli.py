@@ -151,9 +151,16 @@ def test_profile_estimate_is_labelled_analytic(tiny_dirs, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert res.output.count("[analytic") == 2 and "caveats" in res.output
-    rows = json.loads((tmp_path / "e.json").read_text())["estimates"]
+    data = json.loads((tmp_path / "e.json").read_text())
+    rows = data["estimates"]
     assert all(r["source"] == "analytic" and r["p50_ms"] > 0 for r in rows)
     assert rows[1]["macs"] == 4 * rows[0]["macs"]
+    # a phone-class target: NNAPI / Core ML partition coverage from ORT's mobile usability checker
+    assert "ORT Mobile on a phone" in res.output and "nnapi:fixed" in res.output
+    cov = data["mobile_coverage"]
+    assert set(cov) >= {"nnapi:dynamic", "nnapi:fixed", "coreml_mlprogram:dynamic", "coreml_neuralnetwork:fixed"}
+    assert all(0 <= v["supported_nodes"] <= v["nodes"] for v in cov.values())
+    assert cov["nnapi:fixed"]["supported_nodes"] >= cov["nnapi:dynamic"]["supported_nodes"]
 
 
 def test_classifier_run_with_accuracy_eval(tiny_dirs, tmp_path):

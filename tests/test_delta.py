@@ -261,7 +261,7 @@ def test_run_writes_the_delta_and_apply_delta_rebuilds_the_pruned_model_exactly(
     )
     one_line_error([str(ft), str(delta), "--out", str(tmp_path / "x")], "differ from the base", "exact base")
     one_line_error([str(base), str(delta), "--out", str(rebuilt)], "not empty", "--force")
-    one_line_error([str(base), str(out / "model.onnx"), "--out", str(tmp_path / "x")], "not a")
+    one_line_error([str(base), str(out / "onnx" / "model.onnx"), "--out", str(tmp_path / "x")], "not a")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written
     res = runner.invoke(main, ["apply-delta", str(base), str(delta), "--out", str(rebuilt), "--force"])
     assert res.exit_code == 0, res.output

@@ -178,3 +178,13 @@ def test_generative_refusals_one_line_nothing_written(gen_models, tmp_path, args
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_default_recipe_of_a_generative_model_is_dynamic_int8(gen_models, tmp_path):
+    """cpu-default's quant.hybrid is built for encoders: for LMs the default means plain dynamic int8."""
+    from compress.pipeline import RunConfig, prepare
+
+    for name in ("gpt2-tiny", "t5-tiny"):
+        run, flow = prepare(RunConfig(model=str(gen_models[name][0]), out=tmp_path / name))
+        assert flow.name == "generative" and run.recipe.name == "dynamic-int8"
+        assert [s.name for s in run.recipe.stages] == ["quant.dynamic"]

@@ -188,6 +188,7 @@ class EchoFlow:
 
     name = "echo"
     levels = ("torch", "onnx")
+    formats = ("onnx",)
 
     def accepts(self, kind, profile):
         return kind == "encoder" and profile.kind == "cpu"

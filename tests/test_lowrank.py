@@ -158,7 +158,7 @@ def test_cli_int4_eora_on_tiny_model(tiny_dirs, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in rep["stages"]] == ["quant.int4", "lowrank.eora", "export.int4_pack"]
     assert rep["parity"]["compressed_float_export"]["passed"]
-    assert Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)["MatMulNBits"] == 12
+    assert Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx")).graph.node)["MatMulNBits"] == 12
 
 
 def test_int4_eora_then_int8_lowrank_factors(tiny_dirs, tmp_path):
@@ -175,7 +175,7 @@ def test_int4_eora_then_int8_lowrank_factors(tiny_dirs, tmp_path):
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
-    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    ops = Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx")).graph.node)
     assert ops["MatMulNBits"] == 12 and ops["MatMulInteger"] >= 24
     rep = json.loads((out / "report.json").read_text())
     assert next(e for e in rep["eval"] if e["name"] == "fidelity")["compressed"] > 0.95

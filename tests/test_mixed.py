@@ -169,7 +169,7 @@ def test_mixed_run_on_tiny_model(tiny_dirs, tmp_path):
     out, rep, m = _run_mixed(tiny_dirs, tmp_path, "--max-drop", "100")
     assert m["moves_applied"] == m["moves_total"] == 26 and m["evaluations"] == 2
     assert m["layers"] == {"float": 0, "int8-dynamic": 0, "int4-weights": 13}
-    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    ops = Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx")).graph.node)
     assert ops["MatMulNBits"] == 12 and ops["GatherBlockQuantized"] == 1
     assert len(m["per_layer"]) == 13 and all(r["trace"] != 0 and "omega_int4-weights" in r for r in m["per_layer"])
     assert (out / "mixed_search.png").is_file() and "## Mixed precision" in (out / "report.md").read_text()
@@ -187,7 +187,7 @@ def test_mixed_search_mixes_precisions(tiny_dirs, tmp_path):
     budget = max(all_int8["drop"] / 2, 1e-4)
     out, _, m = _run_mixed(tiny_dirs, tmp_path / "b", "--max-drop", f"{budget:.6f}")
     assert m["chosen_drop"] is None or m["chosen_drop"] <= budget
-    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node)
+    ops = Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx")).graph.node)
     assert sum(m["layers"].values()) == 13
     assert ops["MatMulNBits"] + ops["GatherBlockQuantized"] == m["layers"]["int4-weights"]
 

@@ -235,7 +235,7 @@ def test_force_replaces_a_result_in_one_step(tiny_dirs, tmp_path):
     (out / "old.txt").write_text("old")
     res = invoke(run_args(tiny_dirs["st"], out, *FAST, "--force"))
     assert res.exit_code == 0, res.output
-    assert not (out / "old.txt").exists() and (out / "model.onnx").is_file() and leftovers(tmp_path, "o") == []
+    assert not (out / "old.txt").exists() and (out / "onnx" / "model.onnx").is_file() and leftovers(tmp_path, "o") == []
 
 
 # ---- file systems that cannot take the output --------------------------------------------------------------------
@@ -354,4 +354,5 @@ def test_outputs_get_the_users_umask(tiny_dirs, tmp_path):
     out = tmp_path / "d"
     assert out.stat().st_mode & 0o777 == 0o755
     assert (out / "delta.safetensors").stat().st_mode & 0o777 == 0o644
-    assert (out / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert (out / "onnx" / "model.onnx").stat().st_mode & 0o777 == 0o644
+    assert (out / "onnx").stat().st_mode & 0o777 == 0o755

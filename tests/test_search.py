@@ -16,7 +16,7 @@ from compress.core.data import PairSet, calibration_and_heldout, shipped_sentenc
 from compress.core.errors import CompressError
 from compress.core.models import load_model, torch_outputs
 from compress.recipe import load_recipe, parse_recipe
-from compress.search import pareto, recipe_toml, split_eval, trial_stages
+from compress.search import BATCH_CONSISTENT, pareto, recipe_toml, split_eval, trial_stages
 from compress.stages.distil import cosent
 from compress.stages.layers import block_influence
 from compress.stages.recover import hidden_map
@@ -129,6 +129,9 @@ def test_search_space_recipes_and_frontier():
     probe = trial_stages({"blocks": 6, "ffn_keep": 1.0, "heads_keep": 1.0, "precision": "int8-dynamic"}, 6, 100,
                          labelled=False, teacher="tuned", train=False)  # fmt: skip
     assert [s["type"] for s in probe] == ["quant.dynamic"]
+    hybrid = trial_stages({"blocks": 6, "ffn_keep": 1.0, "heads_keep": 1.0, "precision": "int8-hybrid"}, 6, 100,
+                          labelled=False, teacher="tuned", train=False)  # fmt: skip
+    assert hybrid == [{"type": "quant.hybrid"}] and "int8-hybrid" in BATCH_CONSISTENT
     rows = [{"trial": 0, "drop": 0.1, "p50_ms": 10, "mb": 5}, {"trial": 1, "drop": 0.2, "p50_ms": 12, "mb": 6},
             {"trial": 2, "drop": 0.5, "p50_ms": 5, "mb": 5}]  # fmt: skip
     assert [r["trial"] for r in pareto(rows)] == [2, 0]
@@ -156,11 +159,12 @@ def test_search_end_to_end_resumes_and_its_recipe_reproduces(tiny_dirs, stsb_sma
     trained = [r for r in report["trials"] if "drop" in r]
     assert len(trained) == 2 and report["winner"] is not None and len(report["architectures"]) >= 4
     assert {"heldout_drop", "selection_drop", "ratio_int8"} <= set(report["winner"])
-    assert (out / "frontier.png").is_file() and (out / "winner" / "model.onnx").is_file()
+    assert (out / "frontier.png").is_file() and (out / "winner" / "onnx" / "model.onnx").is_file()
+    assert (out / "winner" / "modules.json").is_file()  # the consumer layout (sentence-transformers files too)
     res = CliRunner().invoke(main, [*args, "--trials", "1", "--force"], catch_exceptions=False)  # resumes the study
     assert res.exit_code == 0, res.output
     assert sum("drop" in r for r in json.loads((out / "report.json").read_text())["trials"]) == 3
     recipe = load_recipe(str(out / "winner.toml"))
-    assert recipe.stages[-1].name in ("quant.static", "quant.dynamic")
+    assert recipe.stages[-1].name in ("quant.hybrid", "quant.static", "quant.dynamic")
     res = CliRunner().invoke(main, ["search", str(tiny_dirs["st"]), "--eval", f"stsb:{stsb_small}", "--budget", "soon"])
     assert res.exit_code == 2 and "--budget" in res.stderr

@@ -1,4 +1,4 @@
-"""Model kinds and generative artefact layouts, read from config.json and file names (no torch here).
+"""Model kinds and artefact layouts, read from config.json and file names (no torch here).
 
 Model kinds (what the flows and the stage registry dispatch on): ``encoder`` (sentence embedding, feature
 extraction, classification), ``causal-lm`` (decoder-only), ``seq2seq`` (encoder-decoder).
@@ -20,6 +20,18 @@ ONNX_FILES: dict[str, tuple[str, ...]] = {
     "text-generation": ("model.onnx",),
     "text2text-generation": ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"),
 }
+
+
+# Where an encoder artefact's graph lives: the one path sentence-transformers, Optimum and transformers.js all find
+# without arguments (export.layout writes the folder; README, "What lands in the output folder").
+ENCODER_GRAPH = "onnx/model.onnx"
+LEGACY_GRAPH = "model.onnx"  # NPU artefacts (model.onnx + model_ctx.onnx) and folders written before the layout
+
+
+def encoder_graph(folder: Path) -> Path:
+    """The ONNX graph of an encoder artefact folder: ``onnx/model.onnx``, else a root ``model.onnx``."""
+    new = folder / ENCODER_GRAPH
+    return new if new.is_file() or not (folder / LEGACY_GRAPH).is_file() else folder / LEGACY_GRAPH
 
 
 def generative_kind(config: dict) -> GenKind | None:

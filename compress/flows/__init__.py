@@ -34,6 +34,7 @@ LatencyProgress = Callable[[int, int], None]
 class Flow(Protocol):
     name: str
     levels: tuple[str, ...]  # the stage levels it applies ("torch", "onnx")
+    formats: tuple[str, ...]  # the artefact formats it writes (--format): "onnx", and "ort" for ORT Mobile
 
     def accepts(self, kind: ModelKind, profile: DeviceProfile) -> bool: ...
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 from pathlib import Path
 
 from compress import gpu
+from compress.card import consistency_sentence, encoder_card, mobile_table, source_card
 from compress.core import Progress
 from compress.core.errors import CompressError
 from compress.core.evaluate import evaluate
 from compress.core.fs import file_bytes
-from compress.core.kinds import ModelKind, artifact_kind
-from compress.core.models import torch_outputs
+from compress.core.kinds import ENCODER_GRAPH, ModelKind, artifact_kind
+from compress.core.models import hub_id, torch_outputs
 from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, sha256, versions, zipped_bytes
 from compress.stages import REGISTRY
@@ -36,11 +37,13 @@ from compress.steps import (
     target_section,
     tokenized_batches,
 )
-from export.onnx_export import MODEL_FILE, copy_app_files
-from export.verify import FLOAT_COSINE_MIN, verify_against_torch
+from export.layout import graph_io, pooling, write_encoder_layout
+from export.verify import FLOAT_COSINE_MIN, compare, verify_against_torch
 from profiles import DeviceProfile
+from runtimes.consistency import batch_consistency
 from runtimes.encode import ort_outputs
 from runtimes.host import host_info
+from runtimes.mobile import convert_to_ort, mobile_coverage
 from runtimes.ort import cpu_session
 from runtimes.profiler import measure_latency, op_breakdown
 
@@ -50,6 +53,7 @@ MEASURED_KINDS = ("cpu", "gpu")
 class EncoderFlow:
     name = "encoder"
     levels = ("torch", "onnx")
+    formats = ("onnx", "ort")
 
     def accepts(self, kind: ModelKind, profile: DeviceProfile) -> bool:
         return kind == "encoder" and profile.kind in MEASURED_KINDS
@@ -98,10 +102,11 @@ class EncoderFlow:
         current, reports = apply_onnx_stages(onnx_stages, current, work, ctx, progress)
         stage_reports += reports
 
-        progress("writing the artefact and checking it against torch")
-        artifact = staging / MODEL_FILE
-        shutil.copy2(current, artifact)
-        copy_app_files(float_dir, staging)
+        progress(f"writing the artefact ({ENCODER_GRAPH} + what every consumer reads) and checking it against torch")
+        layout = write_encoder_layout(
+            current, float_dir, lm.path, staging, lm.task == "sentence-embedding", lm.max_length
+        )
+        artifact = staging / ENCODER_GRAPH
         exact = not onnx_stages and not lm.int4_layers  # a float artefact is held to the float gate
         parity_final = verify_against_torch(
             lm,
@@ -124,9 +129,20 @@ class EncoderFlow:
                 )
             )
 
+        progress(
+            "consistency: each held-out sentence alone vs inside padded 32-sentence batches; ORT optimisation levels"
+        )
+        consistency = batch_consistency(artifact, lm.tokenizer, heldout, lm.task, lm.max_length)
+        mobile = None
+        if "ort" in cfg.formats:
+            progress("ORT format for ORT Mobile (convert_onnx_models_to_ort) and NNAPI / Core ML coverage")
+            mobile = ort_format(artifact, lm, heldout)
+
+        load_before = os.getloadavg()
         lat, ops, gpu_section = self._measure(
             run, lm, baseline, artifact, calibration, heldout, work, progress, on_latency
         )
+        load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
         parity = {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()}
         if torch_stages:
             parity["compressed_float_export"] = parity_float.as_dict()
@@ -136,16 +152,28 @@ class EncoderFlow:
             for label, path in (("original", baseline), ("compressed", artifact))
         }
         report = {
-            "model": {"name": lm.name, "path": str(lm.path), "architecture": getattr(lm.config, "model_type", "")},
+            "model": {
+                "name": lm.name,
+                "path": str(lm.path),
+                "architecture": getattr(lm.config, "model_type", ""),
+                "base_model": hub_id(lm.name, lm.path),
+                "source_card": source_card(lm.path),
+            },
             "task": lm.task,
             "target": target_section(run.profile),
             "recipe": run.recipe.as_dict(),
             "stages": stage_reports,
             "artifact": {
-                "path": str(artifact.name),
+                "path": ENCODER_GRAPH,
                 "bytes": file_bytes(artifact),
                 "bytes_zip": zipped_bytes(artifact),
                 "sha256": sha256(artifact),
+                "layout": layout,
+            },
+            "interface": {
+                **graph_io(artifact),
+                "max_length": lm.max_length,
+                "pooling": pooling(staging),
             },
             "baseline_artifact": {
                 "bytes": file_bytes(baseline),
@@ -153,13 +181,17 @@ class EncoderFlow:
             },
             "parity": parity,
             "eval": results,
+            "consistency": consistency,
             "latency": [dataclasses.asdict(r) for r in lat["compressed"]],
             "baseline_latency": [dataclasses.asdict(r) for r in lat["original"]],
             "ops": ops,
+            "load_average": load,  # 1 / 5 / 15-minute, around the latency measurement: how busy the host was
             "roofline": roofline,
             "host": host_info().as_dict(),
             "versions": versions(),
         }
+        if mobile is not None:
+            report["mobile"] = mobile
         report["findings"] = findings(report)
         if gpu_section is not None:
             report["gpu"] = gpu_section
@@ -227,6 +259,10 @@ class EncoderFlow:
             f"  size: {report['artifact']['bytes'] / 1e6:.1f} MB (original "
             f"{report['baseline_artifact']['bytes'] / 1e6:.1f} MB)"
         )
+        if "consistency" in report:
+            c = report["consistency"]
+            warn = "" if c["batch_independent"] else "WARNING "
+            lines.append(f"  {warn}{consistency_sentence(c)}")
         if "gpu" in report:
             lines += gpu.variant_lines(report["gpu"])
         return "\n".join(lines)
@@ -234,6 +270,8 @@ class EncoderFlow:
     def write(self, report: dict, folder: Path) -> None:
         (folder / "report.md").write_text(markdown(report))
         plot(report, folder / "plot.png")
+        files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+        (folder / "README.md").write_text(encoder_card(report, sorted({*files, "README.md"})))
         for s in report["stages"]:
             st = REGISTRY.get(s["name"])
             if st is not None and st.plot is not None:
@@ -294,6 +332,25 @@ class EncoderFlow:
 ENCODER = EncoderFlow()
 
 
+def ort_format(artifact: Path, lm, texts: list[str]) -> dict:
+    """``onnx/model.ort`` beside the graph (ORT Mobile), checked to give the .onnx's outputs on held-out text, and
+    the NNAPI / Core ML partition coverage of the graph from ORT's mobile usability checker."""
+    ort_path = artifact.with_suffix(".ort")
+    made = convert_to_ort(artifact, ort_path)
+    encode = lambda p: ort_outputs(cpu_session(p, 0), lm.tokenizer, texts, lm.task, lm.max_length)
+    same = compare(encode(artifact), encode(ort_path), None)
+    return {
+        "ort": {
+            "path": str(ort_path.relative_to(artifact.parent.parent)),
+            "bytes": file_bytes(ort_path),
+            "sha256": sha256(ort_path),
+            **made,
+            "vs_onnx": {"cosine_min": same.cosine_min, "max_abs_diff": same.max_abs_diff, "samples": same.samples},
+        },
+        "coverage": mobile_coverage(artifact),
+    }
+
+
 # ---- report -------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +377,16 @@ def findings(report: dict) -> list[str]:
             )
         else:
             out.append(f"{e['name']}: {e['compressed']:.2f} vs {e['original']:.2f} original ({e['delta']:+.2f}).")
+    if "consistency" in report:
+        out.append(consistency_sentence(report["consistency"]))
+    cov = report.get("mobile", {}).get("coverage", {})
+    if cov:
+        nn, ml = cov["nnapi:dynamic"], cov["coreml_mlprogram:dynamic"]
+        out.append(
+            f"ORT Mobile: NNAPI would take {nn['coverage_pct']}% of the nodes ({nn['partitions']} partitions), Core ML "
+            f"(MLProgram) {ml['coverage_pct']}%, with the graph's dynamic shapes (ORT's mobile usability checker: "
+            f"{nn['suitability']} / {ml['suitability']}); the rest runs on the CPU EP."
+        )
     host = report["host"]
     quantized = any(s["name"].startswith("quant.") for s in report["stages"])
     if quantized and not host["has_vnni"] and report["target"]["kind"] == "cpu":
@@ -360,6 +427,38 @@ def markdown(report: dict) -> str:
     lines += ["", "## Accuracy", "", "| eval | metric | original | compressed |", "|---|---|---|---|"]
     for e in report["eval"]:
         lines.append(f"| {e['name']} | {e['metric']} | {e['original']} | {e['compressed']} |")
+    if "consistency" in report:
+        c = report["consistency"]
+        lines += [
+            "",
+            "## Consistency (measured: the same text alone vs in a batch, and across ORT optimisation levels)",
+            "",
+            "| check | min cosine | mean cosine | max abs diff |",
+            "|---|---|---|---|",
+        ]
+        for pad, st in c["alone_vs_batch"]["padding"].items():
+            lines.append(
+                f"| alone vs inside {c['batch']}-sentence batches padded to the {pad.replace('_', ' ')} | {st['min']:.6f} | "
+                f"{st['mean']:.6f} | {st['max_abs_diff']:.3g} |"
+            )
+        lv = c["optimization_levels"]
+        lines.append(
+            f"| ORT_DISABLE_ALL vs ORT_ENABLE_ALL, each sentence alone | {lv['min']:.6f} | {lv['mean']:.6f} | "
+            f"{lv['max_abs_diff']:.3g} |"
+        )
+        lines += ["", consistency_sentence(c)]
+    if "mobile" in report:
+        m = report["mobile"]
+        lines += ["", "## ORT Mobile", ""]
+        if "ort" in m:
+            o = m["ort"]
+            lines += [
+                f"`{o['path']}`: {o['bytes']:,} bytes, {o['optimization_style']} optimisations for {o['target_platform']}; "
+                f"outputs vs the .onnx: min cosine {o['vs_onnx']['cosine_min']:.6f}, max abs diff "
+                f"{o['vs_onnx']['max_abs_diff']:.3g} ({o['vs_onnx']['samples']} held-out sentences).",
+                "",
+            ]
+        lines += mobile_table(m["coverage"])
     lines += [
         "",
         "## Parity against torch",

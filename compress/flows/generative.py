@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from compress.card import generative_card
 from compress.core import Progress
 from compress.core.data import calibration_and_heldout, shipped_sentences
 from compress.core.errors import CompressError, first_line
@@ -23,6 +24,7 @@ from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, versions
 from compress.stages import OnnxContext
 from compress.steps import Run, apply_onnx_stages, target_section
+from export.genai import write_genai_config
 from export.generative import check_generation, export_generative, greedy, load_torch, prompts_from
 from export.onnx_export import copy_app_files
 from profiles import DeviceProfile
@@ -43,6 +45,7 @@ def gen_profile_config(shapes, runs: int, threads: int, new_tokens: int) -> GenP
 class GenerativeFlow:
     name = "generative"
     levels = ("torch", "onnx")
+    formats = ("onnx",)
 
     def accepts(self, kind: ModelKind, profile: DeviceProfile) -> bool:
         return kind in ("causal-lm", "seq2seq") and profile.kind == "cpu"
@@ -104,6 +107,7 @@ class GenerativeFlow:
             stage_reports += [dict(r, file=f.name) for r in reports]
             shutil.copy2(current, staging / f.name)
         copy_app_files(baseline_dir, staging)
+        extra = [write_genai_config(staging).name] if kind == "text-generation" else []  # onnxruntime-genai
 
         progress("the artefact generates (optimum ORTModelFor*): greedy tokens vs torch")
         exact = not run.recipe.stages
@@ -145,7 +149,7 @@ class GenerativeFlow:
             "target": target_section(run.profile),
             "recipe": run.recipe.as_dict(),
             "stages": stage_reports,
-            "files": [f.name for f in files] + ["report.json", "report.md", "plot.png"],
+            "files": [f.name for f in files] + extra + ["report.json", "report.md", "plot.png", "README.md"],
             "artifact": {f.name: file_bytes(staging / f.name) for f in files},
             "baseline_artifact": {f.name: file_bytes(f) for f in files},
             "parity": {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()},
@@ -181,6 +185,8 @@ class GenerativeFlow:
             folder / "plot.png",
             f"{report['model']['name']} on {report['target']['name']}: first token and throughput",
         )
+        files = sorted({f.name for f in folder.iterdir() if f.is_file()} | {"README.md"})
+        (folder / "README.md").write_text(generative_card(report, files))
 
     def profiles(self, artifact: Path, profile: DeviceProfile) -> bool:
         return profile.kind == "cpu" and artifact_kind(artifact) is not None

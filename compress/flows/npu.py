@@ -23,7 +23,7 @@ from compress.core import Progress, silent
 from compress.core.data import calibration_and_heldout, shipped_sentences
 from compress.core.errors import CompressError
 from compress.core.evaluate import evaluate
-from compress.core.kinds import ModelKind
+from compress.core.kinds import ENCODER_GRAPH, ModelKind, encoder_graph
 from compress.core.models import torch_outputs
 from compress.core.numerics import row_cosine
 from compress.core.onnx_ops import QUANTIZED_OPS
@@ -44,6 +44,7 @@ from profiles import DeviceProfile, missing_requirements
 from runtimes import qnn, vela
 from runtimes.encode import ort_outputs
 from runtimes.host import host_info
+from runtimes.mobile import mobile_coverage
 from runtimes.ort import cpu_session
 
 BACKENDS = {"onnxruntime-qnn": "qnn", "vela": "vela"}
@@ -88,6 +89,7 @@ class NpuFlow:
 
     name = "npu"
     levels = ("torch",)
+    formats = ("onnx",)
 
     def accepts(self, kind: ModelKind, profile: DeviceProfile) -> bool:
         return kind == "encoder" and backend(profile) is not None
@@ -118,7 +120,21 @@ class NpuFlow:
             section, results = run_qnn(lm, run.profile, calibration, heldout, evals, shape, staging, work, progress)
         else:
             section, results = run_vela(lm, run.profile, calibration, heldout, evals, shape, staging, work, progress)
-        return _report(run, lm, stage_reports, skipped, section, results)
+        report = _report(run, lm, stage_reports, skipped, section, results)
+        report["consistency"] = {  # what encoder reports measure: a static-shape artefact cannot batch texts
+            "applicable": False,
+            "why": f"static input shapes {shape}: every text runs alone, padded to the same length",
+        }
+        graph = staging / "model.onnx"
+        if run.profile.mobile and graph.is_file():  # a phone: how much of it NNAPI / Core ML would take (ORT Mobile)
+            progress("NNAPI / Core ML partition coverage (ORT's mobile usability checker)")
+            report["mobile"] = {"coverage": mobile_coverage(graph)}
+            nn = report["mobile"]["coverage"]["nnapi:fixed"]
+            report["findings"].append(
+                f"ORT Mobile instead of the QNN EP: NNAPI would take {nn['supported_nodes']}/{nn['nodes']} nodes of "
+                f"this QDQ graph at fixed shapes ({nn['partitions']} partitions; checker: {nn['suitability']})."
+            )
+        return report
 
     def summary(self, report: dict) -> str:
         return summary(report)
@@ -427,9 +443,11 @@ def profile_artifact(path: Path, profile, batch: int, seq: int, progress: Progre
 def _profile_qnn(path: Path, profile, batch: int, seq: int, progress: Progress) -> dict:
 
     folder = path if path.is_dir() else path.parent
-    model = path / "model.onnx" if path.is_dir() else path
+    model = encoder_graph(path) if path.is_dir() else path
     if not model.is_file():
-        raise CompressError(f"{model} not found: pass an artefact folder holding model.onnx, or an .onnx file")
+        raise CompressError(
+            f"{model} not found: pass an artefact folder holding {ENCODER_GRAPH} (or model.onnx), or an .onnx file"
+        )
     graph = onnx.load(str(model), load_external_data=False).graph
     quantized = any(n.op_type in QUANTIZED_OPS for n in graph.node)
     static = all(d.HasField("dim_value") for i in graph.input for d in i.type.tensor_type.shape.dim)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from compress.stages.base import NEEDS, OnnxContext, Scorer, StageError, StageType, TorchContext
 from compress.stages.delta import DeltaPrune, apply_delta_prune
 from compress.stages.graph import GraphOptimize, apply_graph_optimize
+from compress.stages.hybrid import HybridQuant, apply_hybrid
 from compress.stages.int4 import Int4Quant, apply_int4
 from compress.stages.layers import LayerPrune, apply_layers
 from compress.stages.lowrank import LowRank, apply_eora, apply_svd
@@ -50,6 +51,10 @@ _STAGES = (
     StageType("quant.dynamic", "onnx", DynamicQuant, apply_dynamic,
               "ONNX Runtime dynamic int8: int8 weights, activations quantized at run time",
               kinds=ALL_KINDS, precisions=lambda cfg: ("int8-dynamic",), compresses=True),
+    StageType("quant.hybrid", "onnx", HybridQuant, apply_hybrid,
+              "int8 with batch-independent activation scales: calibrated fixed scales, per-token dynamic scales "
+              "where activations have outliers (FFN down-projection); a text's output does not depend on its "
+              "batch-mates or padding", precisions=lambda cfg: ("int8-dynamic",), compresses=True),
     StageType("quant.static", "onnx", StaticQuant, apply_static,
               "ONNX Runtime static int8 QDQ, per-channel weights, activations calibrated on text",
               precisions=lambda cfg: ("int8-qdq",), compresses=True),

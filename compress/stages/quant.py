@@ -117,6 +117,21 @@ def _matching_nodes(path: Path, exclude: tuple[str, ...]) -> list[str]:
     return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if _excluded(n.name, exclude)]
 
 
+def calibration_feeds(stage: str, src: Path, ctx: OnnxContext, samples: int) -> tuple[list[dict], int]:
+    """The first ``samples`` calibration sentences as feeds for ``src``'s inputs: (batches, sentences taken)."""
+    if not ctx.calibration:
+        raise StageError(f"{stage} needs calibration text: pass --data FILE or keep the shipped sentences")
+    graph_inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
+    feeds, n = [], 0
+    for batch in ctx.calibration:
+        if n >= samples:
+            break
+        take = min(len(batch["input_ids"]), samples - n)
+        feeds.append({k: v[:take] for k, v in batch.items() if k in graph_inputs})
+        n += take
+    return feeds, n
+
+
 class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over pre-tokenized feeds."""
 
@@ -130,16 +145,7 @@ class _Reader:
 def apply_static(cfg: StaticQuant, src: Path, dst: Path, ctx: OnnxContext) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if not ctx.calibration:
-        raise StageError("quant.static needs calibration text: pass --data FILE or keep the shipped sentences")
-    graph_inputs = {i.name for i in onnx.load(str(src), load_external_data=False).graph.input}
-    feeds, n = [], 0
-    for batch in ctx.calibration:
-        if n >= cfg.samples:
-            break
-        take = min(len(batch["input_ids"]), cfg.samples - n)
-        feeds.append({k: v[:take] for k, v in batch.items() if k in graph_inputs})
-        n += take
+    feeds, n = calibration_feeds("quant.static", src, ctx, cfg.samples)
     src, dst = src.resolve(), dst.resolve()
     pre = dst.with_name(dst.stem + ".pre.onnx")
     t0 = time.perf_counter()
