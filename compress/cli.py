@@ -118,7 +118,11 @@ def main() -> None:
 @click.option("--recipe", default="cpu-default", show_default=True, help="Shipped recipe name or .toml path.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default runs/MODEL-RECIPE-TARGET).")
 @click.option(
-    "--eval", "evals", multiple=True, help="stsb:PATH, fidelity, accuracy:PATH (repeatable; default fidelity)."
+    "--eval",
+    "evals",
+    multiple=True,
+    help="stsb:PATH, fidelity, accuracy:PATH; causal LMs: ppl[:FILE] (always scored, held-out "
+    "shipped text by default) and fidelity (repeatable; default fidelity).",
 )
 @click.option(
     "--task",
@@ -159,17 +163,35 @@ def main() -> None:
     show_default=True,
     help="ort: also write onnx/model.ort for ORT Mobile, with NNAPI / Core ML coverage in the report.",
 )
+@click.option(
+    "--max-ppl-rise",
+    default="10%",
+    show_default=True,
+    help="Causal LMs: fail the run (nothing written) when the compressed perplexity rises more than this above the "
+    "float model's (percent).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def run(sets, max_drop, min_drop, shapes, runs, threads, evals, fmt, **fields) -> None:
-    """Compress MODEL (minilm, a local HF folder, or a cached hub id) with a recipe for a target."""
+def run(sets, max_drop, min_drop, shapes, runs, threads, evals, fmt, max_ppl_rise, **fields) -> None:
+    """Compress MODEL (minilm, smollm2, a local HF folder, or a cached hub id) with a recipe for a target."""
     overrides, flags = _overrides(sets, max_drop=max_drop, min_drop=min_drop)
     cfg = RunConfig(**fields, evals=tuple(evals) or ("fidelity",), overrides=overrides, override_flags=flags,
                     formats=("onnx", fmt) if fmt != "onnx" else ("onnx",),
-                    latency=_latency_config(shapes, runs, threads))  # fmt: skip
+                    latency=_latency_config(shapes, runs, threads), max_ppl_rise=_percent(max_ppl_rise))  # fmt: skip
     folder, report = pipeline.run(cfg, progress=_Clock(), on_latency=_latency_progress())
     click.echo("")
     click.echo(pipeline.summary(report))
     click.echo(f"\nartefact and reports: {folder}/ ({', '.join(report['files'])})")
+
+
+def _percent(text: str) -> float:
+    """ "10%" or "10" -> 10.0 (percent)."""
+    try:
+        value = float(str(text).strip().rstrip("%"))
+    except ValueError:
+        raise CompressError(f"--max-ppl-rise {text!r}: give a percentage such as 10% or 5") from None
+    if not value >= 0:
+        raise CompressError(f"--max-ppl-rise {text!r} must be >= 0")
+    return value
 
 
 def _overrides(sets: tuple[str, ...], **named: str | None) -> tuple[tuple, tuple]:

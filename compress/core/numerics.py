@@ -4,7 +4,8 @@ The task decides the one array a model is judged by:
 - ``sentence-embedding``: the graph's / pipeline's own ``sentence_embedding`` (pooling + normalisation as the
   sentence-transformers folder configures them);
 - ``text-classification``: the logits;
-- ``feature-extraction``: the last hidden state, mean-pooled over the attention mask.
+- ``feature-extraction``: the last hidden state, mean-pooled over the attention mask;
+- ``text-generation`` (causal language models): the next-token logits at every position.
 ``mean_pool`` and ``task_output`` work on numpy arrays and on torch tensors alike (no torch import here).
 """
 
@@ -29,7 +30,7 @@ def task_output(outputs: dict, attention_mask: Any, task: str) -> Any:
     """The one array a task is judged by, from a dict of named model outputs (ONNX graph or torch)."""
     if task == "sentence-embedding" and "sentence_embedding" in outputs:
         return outputs["sentence_embedding"]
-    if task == "text-classification":
+    if task in ("text-classification", "text-generation"):
         return outputs["logits"]
     hidden = outputs.get("last_hidden_state", next(iter(outputs.values())))  # (B, T, H)
     return mean_pool(hidden, attention_mask)

@@ -1,9 +1,14 @@
 """The generative flow: decoder-only (with past) and encoder-decoder language models on the CPU.
 
-    load -> export (optimum, + greedy-token parity gate) -> ONNX stages on each ONNX file -> the artefact still
-    generates (optimum's ORTModelFor*) -> TTFT / tokens/s measured, original and compressed interleaved -> report.
+    load -> export (optimum, + greedy-token parity gate) -> torch stages (causal LMs) -> export of the compressed
+    model (+ its own greedy gate) -> int4 / 8-bit packing -> ONNX stages on each ONNX file -> the artefact still
+    generates (optimum's ORTModelFor*) -> perplexity, next-token fidelity, greedy agreement -> perplexity gate (a
+    compressed causal LM whose perplexity rises past --max-ppl-rise fails the run: nothing written) ->
+    TTFT / tokens/s measured, original and compressed interleaved -> report.
 
-Which stages apply comes from the registry (``kinds``); the recipe is checked before any heavy work.
+Which stages apply comes from the registry (``kinds``); the recipe is checked before any heavy work. Language-model
+text (compress.core.lm_eval): torch stages calibrate and train on the calibration sentences (shipped even lines or
+--data) packed into contexts of up to 256 tokens; perplexity and fidelity are scored on other text.
 """
 
 from __future__ import annotations
@@ -15,24 +20,152 @@ from pathlib import Path
 
 from compress.card import generative_card
 from compress.core import Progress
-from compress.core.data import calibration_and_heldout, shipped_sentences
+from compress.core.data import calibration_and_heldout, read_texts, shipped_sentences
 from compress.core.errors import CompressError, first_line
+from compress.core.evaluate import EvalSpec, parse_eval
 from compress.core.fs import file_bytes
-from compress.core.kinds import ModelKind, artifact_kind
-from compress.core.models import generative_task, resolve_path
+from compress.core.kinds import GEN_KIND_OF, GenKind, ModelKind, artifact_kind
+from compress.core.lm_eval import (
+    CHUNKS,
+    LENGTH,
+    next_token_fidelity,
+    packed_texts,
+    perplexity,
+    ppl_rise,
+    reference_logprobs,
+    sentences_of,
+    token_chunks,
+)
+from compress.core.models import LoadedModel, generative_task, resolve_path
 from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, versions
-from compress.stages import OnnxContext
-from compress.steps import Run, apply_onnx_stages, target_section
+from compress.stages import OnnxContext, Scorer
+from compress.steps import Run, apply_onnx_stages, apply_torch_stages, pack_int4_layers, target_section
 from export.genai import write_genai_config
 from export.generative import check_generation, export_generative, greedy, load_torch, prompts_from
 from export.onnx_export import copy_app_files
 from profiles import DeviceProfile
-from runtimes.generative import GenPoint, GenProfileConfig, check_lengths, measure_generation, peak_rss_mb
+from runtimes.generative import (
+    GenPoint,
+    GenProfileConfig,
+    PrefillLogits,
+    check_lengths,
+    measure_generation,
+    peak_rss_mb,
+)
 from runtimes.host import host_info
 
 PARITY_TOKENS = 16  # greedy tokens compared per prompt
 PARITY_PROMPTS = 8
+FIDELITY_CHUNKS = 4  # held-out chunks for next-token KL / top-1 (LENGTH tokens each)
+
+
+def context_length(config: dict) -> int:
+    """The context a language model is calibrated, trained and scored with: LENGTH tokens, or fewer when its
+    learned positions are fewer."""
+    limit = config.get("n_positions") or config.get("max_position_embeddings") or LENGTH
+    return int(min(LENGTH, limit))
+
+
+def _gate_float(parity, what: str) -> None:
+    if not parity.passed:
+        raise CompressError(
+            f"{what} generates different tokens from torch ({parity.identical}/{parity.prompts} prompts "
+            "identical): report this model as an export bug; nothing was written"
+        )
+
+
+def lm_specs(evals: tuple[str, ...], kind: GenKind) -> list[EvalSpec]:
+    """The run's evals; a causal LM always gets perplexity (first, on the default text when --eval gives none)."""
+    specs = [parse_eval(e, kind) for e in evals]
+    if kind == "text-generation" and not any(s.kind == "ppl" for s in specs):
+        specs.insert(0, EvalSpec("ppl"))
+    return [s for s in specs if kind == "text-generation" or s.kind != "ppl"]
+
+
+def ppl_sentences(spec: EvalSpec, heldout: list[str]) -> list[str]:
+    return sentences_of(spec.path) if spec.path is not None else heldout
+
+
+def ppl_text(spec: EvalSpec) -> str:
+    return str(spec.path) if spec.path is not None else "held-out shipped sentences"
+
+
+def lm_scorer(chunks, threads: int, text: str) -> Scorer:
+    """quant.mixed's search metric for a causal LM: minus the perplexity of an ONNX file (higher is better), so a
+    relative budget (--max-drop 5%) is a perplexity rise of 5%."""
+    n, length = chunks.shape
+    return Scorer(
+        name=f"-perplexity ({n} x {length} tokens of {text})",
+        score=lambda path: -perplexity(PrefillLogits(path, threads), chunks)["ppl"],
+    )
+
+
+def _onnx_context(run: Run, stages, lm, calibration, chunks, specs, progress) -> OnnxContext:
+    c = lm.model.config
+    needs = {n for s in stages for n in s.type.needs_for(s.config)}
+    return OnnxContext(
+        calibration=(),
+        host=host_info(),
+        model_type=getattr(c, "model_type", ""),
+        num_heads=int(getattr(c, "num_attention_heads", 0) or 0),
+        hidden_size=int(getattr(c, "hidden_size", 0) or 0),
+        calibration_texts=tuple(packed_texts(lm.tokenizer, calibration, lm.max_length)),
+        precisions=run.profile.precisions,
+        torch_model=lm if "torch_model" in needs else None,
+        scorer=lm_scorer(chunks, run.cfg.latency.threads, ppl_text(specs[0])) if "scorer" in needs else None,
+        progress=progress,
+        kind=run.kind,
+    )
+
+
+def lm_evals(specs: list[EvalSpec], tokenizer, heldout: list[str], original: Path, artifact: Path, length: int,
+             threads: int, progress: Progress) -> list[dict]:  # fmt: skip
+    """Perplexity (original and compressed ONNX, same chunks) and next-token fidelity on held-out text."""
+    orig, comp = PrefillLogits(original, threads), PrefillLogits(artifact, threads)
+    out = []
+    for spec in specs:
+        if spec.kind == "ppl":
+            chunks = token_chunks(tokenizer, ppl_sentences(spec, heldout), CHUNKS, length)
+            progress(f"perplexity on {chunks.shape[0]} x {chunks.shape[1]} tokens of {ppl_text(spec)}")
+            po, pc = perplexity(orig, chunks), perplexity(comp, chunks)
+            out.append({
+                "name": str(spec),
+                "metric": "token perplexity (lower is better)",
+                "text": ppl_text(spec),
+                "chunks": f"{chunks.shape[0]} x {chunks.shape[1]} tokens, each from an empty KV cache",
+                "tokens": pc["tokens"],
+                "original": round(po["ppl"], 4),
+                "compressed": round(pc["ppl"], 4),
+                "rise_percent": round(ppl_rise(po["ppl"], pc["ppl"]), 3),
+                "higher_is_better": False,
+            })  # fmt: skip
+        elif spec.kind == "fidelity":
+            chunks = token_chunks(tokenizer, heldout, FIDELITY_CHUNKS, length, seed=1)
+            progress(f"next-token fidelity on {chunks.shape[0]} x {chunks.shape[1]} held-out tokens")
+            fid = next_token_fidelity(reference_logprobs(orig, chunks), comp, chunks)
+            out.append({
+                "name": "fidelity",
+                "metric": "next-token top-1 agreement with the float model (held-out shipped sentences); "
+                "kl = mean KL(p_float || p_compressed) per position",
+                "original": 1.0,
+                "compressed": round(fid["top1"], 5),
+                "kl": round(fid["kl"], 6),
+                "positions": fid["positions"],
+                "higher_is_better": True,
+            })  # fmt: skip
+    return out
+
+
+def check_ppl_gate(result: dict, max_rise: float) -> None:
+    """A compressed causal LM whose perplexity rises past the bound fails the run (nothing is written)."""
+    rise = result["rise_percent"]
+    if not rise <= max_rise:  # NaN fails too
+        raise CompressError(
+            f"the compressed model's perplexity {result['compressed']:.4g} is {rise:+.1f}% above the float model's "
+            f"{result['original']:.4g} on {result['text']}, past the {max_rise:g}% bound: nothing was written; use a "
+            "milder recipe or raise --max-ppl-rise"
+        )
 
 
 def gen_profile_config(shapes, runs: int, threads: int, new_tokens: int) -> GenProfileConfig:
@@ -55,58 +188,81 @@ class GenerativeFlow:
 
     def check(self, run: Run) -> None:
         cfg = run.cfg
-        bad = [e for e in cfg.evals if e != "fidelity"]
-        if bad:
-            raise CompressError(
-                f"--eval {bad[0]} does not apply to a generative model: use --eval fidelity "
-                "(greedy-token agreement with the float model)"
-            )
+        kind = next(k for k, v in GEN_KIND_OF.items() if v == run.kind)
+        for spec in lm_specs(cfg.evals, kind):
+            if spec.path is not None:
+                sentences_of(spec.path)
+        if not cfg.max_ppl_rise >= 0:
+            raise CompressError(f"--max-ppl-rise {cfg.max_ppl_rise:g} must be >= 0 (percent of the float perplexity)")
         config = json.loads((resolve_path(cfg.model) / "config.json").read_text())
         check_lengths(
             config, gen_profile_config(cfg.latency.shapes, cfg.latency.runs, cfg.latency.threads, cfg.new_tokens)
         )
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
-        """Export, compress every ONNX file, check the artefact still generates, time it against the original."""
+        """Export, compress (torch stages, then every ONNX file), check the artefact still generates, score it
+        (perplexity gate for causal LMs), time it against the original."""
         cfg = run.cfg
         kind = generative_task(cfg.model, cfg.task)
+        path = resolve_path(cfg.model)
         progress(f"loading {cfg.model} ({kind})")
-        model, tokenizer = load_torch(resolve_path(cfg.model), kind)
+        model, tokenizer = load_torch(path, kind)
         lat_cfg = gen_profile_config(cfg.latency.shapes, cfg.latency.runs, cfg.latency.threads, cfg.new_tokens)
-
-        _, heldout = calibration_and_heldout(shipped_sentences())
+        causal = kind == "text-generation"
+        length = context_length(model.config.to_dict())
+        calibration, heldout = calibration_and_heldout(shipped_sentences())
+        if cfg.data is not None:
+            calibration = read_texts(cfg.data)
         prompts = prompts_from(heldout, PARITY_PROMPTS)
         reference = greedy(model, tokenizer, prompts, PARITY_TOKENS, scores=True)
+        n_params = sum(p.numel() for p in model.parameters())  # torch stages change the model in place
 
         progress("exporting the original model to ONNX (optimum, with past key/values)")
         baseline_dir = work / "original"
         files = export_generative(model, tokenizer, kind, baseline_dir)
         progress("greedy generation: ONNX Runtime (optimum) vs torch")
         parity_original, _ = check_generation(model, tokenizer, baseline_dir, kind, prompts, PARITY_TOKENS, reference)
-        if not parity_original.passed:
-            raise CompressError(
-                f"the float ONNX export generates different tokens from torch ({parity_original.identical}/"
-                f"{parity_original.prompts} prompts identical): report this model as an export bug; "
-                "nothing was written"
-            )
+        _gate_float(parity_original, "the float ONNX export")
+        parity = {"original_export": parity_original.as_dict()}
 
-        c = model.config
-        ctx = OnnxContext(
-            calibration=(),
-            host=host_info(),
-            model_type=getattr(c, "model_type", ""),
-            num_heads=int(getattr(c, "num_attention_heads", 0) or 0),
-            hidden_size=int(getattr(c, "hidden_size", 0) or 0),
-        )
-        stage_reports = []
-        for f in files:
-            if run.recipe.stages:
-                progress(f"{f.name}:")
-            (work / f.stem).mkdir()
-            current, reports = apply_onnx_stages(list(run.recipe.stages), f, work / f.stem, ctx, progress)
-            stage_reports += [dict(r, file=f.name) for r in reports]
-            shutil.copy2(current, staging / f.name)
-        copy_app_files(baseline_dir, staging)
+        torch_stages = [s for s in run.recipe.stages if s.type.level == "torch"]
+        onnx_stages = [s for s in run.recipe.stages if s.type.level == "onnx"]
+        stage_reports: list[dict] = []
+        lm = LoadedModel(cfg.model, path, kind, model, tokenizer, max_length=length)  # type: ignore[arg-type]
+        source_dir = baseline_dir
+        if torch_stages:
+            texts = packed_texts(tokenizer, calibration, length)
+            lm, reports = apply_torch_stages(torch_stages, lm, texts, progress, artifact_dir=staging,
+                                             base_model=cfg.base)  # fmt: skip
+            stage_reports += [dict(r, file="(torch)") for r in reports]
+            progress("exporting the compressed model to ONNX and checking its greedy tokens against it in torch")
+            source_dir = work / "compressed-float"
+            files = export_generative(lm.model, tokenizer, kind, source_dir)
+            parity_float, _ = check_generation(lm.model, tokenizer, source_dir, kind, prompts, PARITY_TOKENS)
+            _gate_float(parity_float, "the float export of the compressed model")
+            parity["compressed_float_export"] = parity_float.as_dict()
+        n_compressed = sum(p.numel() for p in lm.model.parameters())
+        current = {f.name: f for f in files}
+        if lm.int4_layers:
+            progress(f"packing {len(lm.int4_layers)} layers into MatMulNBits / GatherBlockQuantized")
+            (work / "packed").mkdir()
+            current["model.onnx"], report = pack_int4_layers(lm, current["model.onnx"], work / "packed")
+            stage_reports.append(dict(report, file="model.onnx"))
+
+        specs = lm_specs(cfg.evals, kind)
+        search_chunks = None
+        if causal:
+            first = next(s for s in specs if s.kind == "ppl")
+            search_chunks = token_chunks(tokenizer, ppl_sentences(first, heldout), CHUNKS, length)
+        ctx = _onnx_context(run, onnx_stages, lm, calibration, search_chunks, specs, progress)
+        for name, f in current.items():
+            if onnx_stages:
+                progress(f"{name}:")
+            (work / f.stem).mkdir(exist_ok=True)
+            out, reports = apply_onnx_stages(onnx_stages, f, work / f.stem, ctx, progress)
+            stage_reports += [dict(r, file=name) for r in reports]
+            shutil.copy2(out, staging / name)
+        copy_app_files(source_dir, staging)
         extra = [write_genai_config(staging).name] if kind == "text-generation" else []  # onnxruntime-genai
 
         progress("the artefact generates (optimum ORTModelFor*): greedy tokens vs torch")
@@ -118,15 +274,21 @@ class GenerativeFlow:
             raise CompressError(
                 "the float artefact generates different tokens from torch: report this as an export bug"
             )
-        evals = [
-            {
-                "name": "fidelity",
-                "metric": "greedy-token agreement with the float model (16 tokens, 8 held-out prompts)",
-                "original": 1.0,
-                "compressed": parity_final.token_agreement,
-                "identical_prompts": f"{parity_final.identical}/{parity_final.prompts}",
-            }
-        ]
+        parity["artifact"] = parity_final.as_dict()
+        greedy_eval = {
+            "name": "greedy",
+            "metric": f"greedy-token agreement with the float model ({PARITY_TOKENS} tokens, {PARITY_PROMPTS} "
+            "held-out prompts)",
+            "original": 1.0,
+            "compressed": parity_final.token_agreement,
+            "identical_prompts": f"{parity_final.identical}/{parity_final.prompts}",
+        }
+        evals = [greedy_eval]
+        if causal:
+            evals = lm_evals(specs, tokenizer, heldout, baseline_dir / "model.onnx", staging / "model.onnx", length,
+                             lat_cfg.threads, progress) + evals  # fmt: skip
+            if run.recipe.stages:
+                check_ppl_gate(evals[0], cfg.max_ppl_rise)
 
         points = ", ".join(str(p) for p in lat_cfg.points)
         progress(
@@ -141,9 +303,10 @@ class GenerativeFlow:
             "kind": "generative",
             "model": {
                 "name": cfg.model,
-                "path": str(resolve_path(cfg.model)),
-                "architecture": getattr(c, "model_type", ""),
-                "parameters": sum(p.numel() for p in model.parameters()),
+                "path": str(path),
+                "architecture": getattr(model.config, "model_type", ""),
+                "parameters": n_params,
+                "parameters_compressed": n_compressed,
             },
             "task": kind,
             "target": target_section(run.profile),
@@ -151,9 +314,10 @@ class GenerativeFlow:
             "stages": stage_reports,
             "files": [f.name for f in files] + extra + ["report.json", "report.md", "plot.png", "README.md"],
             "artifact": {f.name: file_bytes(staging / f.name) for f in files},
-            "baseline_artifact": {f.name: file_bytes(f) for f in files},
-            "parity": {"original_export": parity_original.as_dict(), "artifact": parity_final.as_dict()},
+            "baseline_artifact": {f.name: file_bytes(baseline_dir / f.name) for f in files},
+            "parity": parity,
             "eval": evals,
+            "ppl_gate": {"max_rise_percent": cfg.max_ppl_rise, "applied": causal and bool(run.recipe.stages)},
             # what the artefact itself generates (greedy, via optimum): random-weight models produce gibberish
             "samples": [
                 {
@@ -242,6 +406,22 @@ def findings(report: dict) -> list[str]:
     out.append(
         f"Size: {a / 1e6:.1f} MB vs {b / 1e6:.1f} MB fp32 ({a / b:.2f}x) over {len(report['artifact'])} ONNX file(s)."
     )
+    for e in report["eval"]:
+        if e["name"].startswith("ppl"):
+            out.append(
+                f"Perplexity {e['compressed']:.2f} vs {e['original']:.2f} float ({e['rise_percent']:+.1f}%) on "
+                f"{e['chunks'].split(',')[0]} of {e['text']}"
+                + (
+                    f"; gate: at most +{report['ppl_gate']['max_rise_percent']:g}%."
+                    if report["ppl_gate"]["applied"]
+                    else "."
+                )  # fmt: skip
+            )
+        elif e["name"] == "fidelity":
+            out.append(
+                f"Next-token fidelity on held-out text: top-1 agreement {e['compressed']:.3f}, KL {e['kl']:.4f} "
+                f"over {e['positions']} positions."
+            )
     p = report["parity"]["artifact"]
     out.append(
         f"Greedy tokens vs torch: {p['identical']}/{p['prompts']} prompts identical over {p['new_tokens']} tokens, "
@@ -267,9 +447,12 @@ def summary(report: dict) -> str:
             f"per sequence [{c['source']}, {c['tool']}]"
         )
     for e in report["eval"]:
-        lines.append(
-            f"  {e['name']}: {e['compressed']} (original {e['original']}; {e['identical_prompts']} prompts identical)"
-        )
+        extra = (
+            f"{e['identical_prompts']} prompts identical" if "identical_prompts" in e
+            else f"{e['rise_percent']:+.2f}%, {e['chunks'].split(',')[0]}" if "rise_percent" in e
+            else f"KL {e['kl']:.4f}"
+        )  # fmt: skip
+        lines.append(f"  {e['name']}: {e['compressed']} (original {e['original']}; {extra})")
     a, b = sum(report["artifact"].values()), sum(report["baseline_artifact"].values())
     lines.append(f"  size: {a / 1e6:.1f} MB (original {b / 1e6:.1f} MB)")
     return "\n".join(lines)
@@ -299,6 +482,7 @@ def markdown(report: dict) -> str:
         f"parameters; host {report['host']['cpu_model']}.",
         report["findings"],
     )
+    lines += lm_table(report)
     lines += [
         "",
         "## Generation latency (source: measured, ONNX Runtime CPU EP, original and compressed interleaved)",
@@ -351,6 +535,37 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def lm_table(report: dict) -> list[str]:
+    """Accuracy beside speed, memory and size: one row per model (original, compressed)."""
+    ppl = next((e for e in report["eval"] if e["name"].startswith("ppl")), None)
+    fid = next((e for e in report["eval"] if e["name"] == "fidelity"), None)
+    rss = report["peak_rss"]
+    lat = {"original": report["baseline_latency"][0], "compressed": report["latency"][0]}
+    sizes = {"original": report["baseline_artifact"], "compressed": report["artifact"]}
+    lines = [
+        "",
+        "## Accuracy, speed, memory, size",
+        "",
+        f"Perplexity on {ppl['text']}: {ppl['chunks']} (compress.core.lm_eval documents the chunking)."
+        if ppl
+        else "No perplexity (not a causal LM).",
+        "",
+        "| model | perplexity | next-token top-1 / KL | greedy agreement | MB | TTFT p50 ms | tokens/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    greedy_ = next(e for e in report["eval"] if e["name"] == "greedy")
+    for label in ("original", "compressed"):
+        p = ppl[label] if ppl else "n/a"
+        f = "1 / 0" if label == "original" else (f"{fid['compressed']:.3f} / {fid['kl']:.4f}" if fid else "n/a")
+        g = 1.0 if label == "original" else greedy_["compressed"]
+        r, t = rss.get(label, {}), lat[label]
+        lines.append(
+            f"| {label} | {p} | {f} | {g} | {sum(sizes[label].values()) / 1e6:.1f} | {t['ttft_p50_ms']:.1f} | "
+            f"{t['tokens_per_s']:.1f} | {r.get('peak_mb', 'n/a')} |"
+        )
+    return lines
 
 
 def plot(rows: dict[str, list], path: Path, title: str) -> None:

@@ -19,19 +19,21 @@ from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, appl
 from compress.stages.recover import Recover, apply_recover, recover_needs
 
 ALL_KINDS = ("encoder", "causal-lm", "seq2seq")
+LM = ("encoder", "causal-lm")  # torch stages that know decoder layer names, next-token distillation and LM text
 
 # fmt: off
 _STAGES = (
     # torch level: run on the loaded model before export
     StageType("quant.int4", "torch", Int4Quant, apply_int4,
               "int4 weight-only RTN, block-wise, on ORT's MatMulNBits grid (packed at export)",
-              precisions=lambda cfg: ("int4-weights",), compresses=True),
+              precisions=lambda cfg: ("int4-weights",) + (("int8-weights",) if cfg.lm_head == "int8" else ()),
+              kinds=LM, compresses=True),
     StageType("prune.gradual", "torch", GradualPrune, apply_gradual, "gradual magnitude pruning (cubic schedule), "
               "unstructured / FFN channel / head, recovered by distillation", needs=frozenset({"original"}),
-              compresses=True),
+              kinds=LM, compresses=True),
     StageType("prune.nm", "torch", NMPrune, apply_nm, "N:M sparsity: one-shot magnitude, or trained with progressive "
               "gradient flow (MDGF / SDGF) or SR-STE, recovered by distillation", needs=frozenset({"original"}),
-              compresses=True),
+              kinds=LM, compresses=True),
     StageType("prune.layers", "torch", LayerPrune, apply_layers, "depth pruning: whole blocks removed by measured "
               "importance (block influence or first-order Taylor); follow with recover",
               needs=lambda cfg: frozenset({"original"} if cfg.importance == "taylor" else ()), compresses=True),
@@ -41,10 +43,10 @@ _STAGES = (
               "DAREx-q, magnitude, importance); writes delta.safetensors", needs=frozenset({"base"})),
     StageType("lowrank.eora", "torch", LowRank, apply_eora,
               "EoRA: low-rank compensation of the compression error in the activation eigenspace",
-              needs=frozenset({"original", "earlier_compression"})),
+              needs=frozenset({"original", "earlier_compression"}), kinds=LM),
     StageType("lowrank.svd", "torch", LowRank, apply_svd,
               "low-rank compensation by plain SVD of the weight error (EoRA's baseline)",
-              needs=frozenset({"original", "earlier_compression"})),
+              needs=frozenset({"original", "earlier_compression"}), kinds=LM),
     # onnx level: run on the exported graph
     StageType("graph.optimize", "onnx", GraphOptimize, apply_graph_optimize,
               "ONNX Runtime transformer fusions (attention, layer norm, GELU)"),
@@ -62,7 +64,7 @@ _STAGES = (
               "Hessian-guided mixed precision (float / int8 / int4 per layer), bisection inside an accuracy budget "
               "(--max-drop) measured with the run's first --eval",
               precisions=lambda cfg: tuple(cfg.candidates), needs=frozenset({"torch_model", "scorer"}),
-              compresses=True, report=mixed_markdown, plot=plot_mixed),
+              kinds=LM, compresses=True, report=mixed_markdown, plot=plot_mixed),
 )
 # fmt: on
 REGISTRY: dict[str, StageType] = {t.name: t for t in _STAGES}

@@ -67,6 +67,7 @@ class OnnxContext:
     torch_model: Any = None  # needs "torch_model": the float LoadedModel the export came from
     scorer: Scorer | None = None  # needs "scorer": the run's evaluator on an ONNX file
     progress: Progress | None = None
+    kind: ModelKind = "encoder"  # the model kind: "auto" defaults differ for decoders (quant.dynamic's kernel)
 
 
 @dataclass(frozen=True)

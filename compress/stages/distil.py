@@ -3,7 +3,9 @@
 
 The teacher is the untouched original (``ctx.original``); its outputs on the training text are computed
 once and kept fixed. Loss: cosine distance on the sentence embedding / mean-pooled hidden state, MSE on
-classifier logits. The student trains with AdamW (no weight decay, so pruned weights are not pulled
+classifier logits; for causal language models the KL divergence KL(p_teacher || p_student) of the next-token
+distributions at every real position (the teacher's logits computed per batch: a vocabulary per token is too
+large to keep for the whole text). The student trains with AdamW (no weight decay, so pruned weights are not pulled
 anywhere by it); the caller hooks in before each step (mask / schedule updates) and after each optimizer
 step (re-applying a fixed mask). No task loss: the stages see unlabelled text only.
 """
@@ -29,6 +31,8 @@ Status = dict[str, "float | int | str"]
 
 def student_outputs(lm, enc):
     """The task output of the torch model on a tokenized batch, with gradients (compress.core.numerics)."""
+    if lm.task == "text-generation":
+        return lm.model(**enc, use_cache=False).logits
     if lm.task == "sentence-embedding":
         return lm.model(dict(enc))["sentence_embedding"]
     res = lm.model(**enc)
@@ -38,9 +42,18 @@ def student_outputs(lm, enc):
     return task_output(outputs, enc["attention_mask"], lm.task)
 
 
-def distil_loss(student, teacher, task: str):
+def distil_loss(student, teacher, task: str, mask=None):
+    """Distance of the student's outputs to the teacher's (1 - cos, MSE on classifier logits, next-token KL for a
+    causal LM averaged over the positions ``mask`` keeps)."""
     import torch.nn.functional as F
 
+    if task == "text-generation":
+        kl = F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                      reduction="none").sum(-1)  # fmt: skip
+        if mask is None:
+            return kl.mean()
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp(min=1)
     if task == "text-classification":
         return F.mse_loss(student, teacher)
     return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
@@ -119,7 +132,8 @@ def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, b
         raise StageError(f"{stage}: {len(texts)} training sentences < batch_size {batch_size}: pass --data")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    teacher = torch.from_numpy(torch_outputs(ctx.original, texts))  # (N, D), fixed targets
+    lm_logits = lm.task == "text-generation"  # teacher per batch (a vocabulary per token), else fixed targets
+    teacher = None if lm_logits else torch.from_numpy(torch_outputs(ctx.original, texts))  # (N, D)
     lm.model.train()
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
@@ -135,7 +149,12 @@ def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, b
         enc = lm.tokenizer(
             [texts[i] for i in idx], padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt"
         )
-        loss = distil_loss(student_outputs(lm, enc), teacher[idx], lm.task)
+        if lm_logits:
+            with torch.no_grad():
+                target = student_outputs(ctx.original, enc)
+            loss = distil_loss(student_outputs(lm, enc), target, lm.task, enc["attention_mask"])
+        else:
+            loss = distil_loss(student_outputs(lm, enc), teacher[idx], lm.task)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -151,6 +170,9 @@ def distil_train(lm, ctx: TorchContext, cfg: Training, stage: str, steps: int, b
         "trajectory": trajectory,
         "training_minutes": round((time.perf_counter() - t0) / 60, 2),
         "steps": steps,
-        "distillation": "cosine to the original outputs" if lm.task != "text-classification" else "MSE on logits",
+        "distillation": {
+            "text-classification": "MSE on logits",
+            "text-generation": "next-token KL to the original",
+        }.get(lm.task, "cosine to the original outputs"),
         "training_sentences": len(texts),
     }

@@ -27,18 +27,25 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.float32)
 
 
-def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool) -> np.ndarray:
-    """Quantize a (K, N) float weight with ORT's MatMulNBits kernel and dequantize it back to float32."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> np.ndarray:
+    """Quantize a (K, N) float weight with ORT's MatMulNBits kernel (``quantize_matmul_4bits`` / ``_8bits``, what
+    ``MatMulNBitsQuantizer`` calls) and dequantize it back to float32."""
+    from onnxruntime.capi import _pybind_state as ort_c
 
     k, n = w_kn.shape
     kb = (k + block_size - 1) // block_size
-    packed = np.zeros((n, kb, block_size // 2), np.uint8)
+    pack = 8 // bits
+    packed = np.zeros((n, kb, block_size // pack), np.uint8)
     scales = np.zeros((n, kb), np.float32)
-    zp = np.zeros((n, (kb + 1) // 2), np.uint8)
-    quantize_matmul_4bits(packed, np.ascontiguousarray(w_kn, dtype=np.float32), scales, zp, block_size, n, k, symmetric)
-    q = unpack_nibbles(packed)  # (N, kb, block)
-    z = np.full((n, kb), 8.0, np.float32) if symmetric else unpack_nibbles(zp)[:, :kb]
+    zp = np.zeros((n, (kb + pack - 1) // pack), np.uint8)
+    w = np.ascontiguousarray(w_kn, dtype=np.float32)
+    getattr(ort_c, f"quantize_matmul_{bits}bits")(packed, w, scales, zp, block_size, n, k, symmetric)
+    if bits == 4:
+        q = unpack_nibbles(packed)  # (N, kb, block)
+        z = np.full((n, kb), 8.0, np.float32) if symmetric else unpack_nibbles(zp)[:, :kb]
+    else:
+        q = packed.astype(np.float32)
+        z = np.full((n, kb), 128.0, np.float32) if symmetric else zp[:, :kb].astype(np.float32)
     w = (q - z[..., None]) * scales[..., None]  # (N, kb, block)
     return w.reshape(n, kb * block_size)[:, :k].T.copy()
 
@@ -56,11 +63,12 @@ def int4_table(w, block_size: int):
     return torch.from_numpy(deq.reshape(data.shape)).to(w.dtype)
 
 
-def int4_weight(w, block_size: int, symmetric: bool = False):
-    """MatMulNBits' grid on a Linear's (out, in) weight tensor: blocks along the input dim."""
+def int4_weight(w, block_size: int, symmetric: bool = False, bits: int = 4):
+    """MatMulNBits' grid (4 or 8 bits) on a Linear's (out, in) weight tensor: blocks along the input dim."""
     import torch
 
-    return torch.from_numpy(ort_int4_roundtrip(w.detach().float().T.numpy(), block_size, symmetric)).T.to(w.dtype)
+    wq = ort_int4_roundtrip(w.detach().float().T.numpy(), block_size, symmetric, bits)
+    return torch.from_numpy(wq).T.contiguous().to(w.dtype)
 
 
 def int8_weight(w, per_channel: bool = True):

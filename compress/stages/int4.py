@@ -4,6 +4,13 @@ The weights are put on ONNX Runtime's own MatMulNBits grid: quantized with ORT's
 (``onnxruntime.capi._pybind_state.quantize_matmul_4bits``, what ``MatMulNBitsQuantizer`` calls) and
 dequantized back into the torch model, so a following stage (``lowrank.eora``) sees the exact error and
 the exporter packs the same numbers into ``MatMulNBits`` (``export.int4_pack``), a lossless re-quantization. The grid itself: ``compress.stages.grids``.
+
+Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
+projections), and the LM head and the token embeddings have their own settings: ``lm_head`` float | int8 (8-bit
+MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int4 (GatherBlockQuantized, blocks along the
+hidden dimension, asymmetric: ORT's ``DefaultWeightOnlyQuantizer`` grid). A tied head and embedding are untied
+first when they get different grids. On SmolLM2-135M the head holds much of int4's loss (perplexity 84.8 with an
+int4 head, 77.3 with an 8-bit head, 77.1 float), the int4 embedding costs ~1 point and saves ~96 MB.
 """
 
 from __future__ import annotations
@@ -13,9 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.core.models import linear_layers
+from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
-from compress.stages.grids import check_block_size, ort_int4_roundtrip
+from compress.stages.grids import check_block_size, int4_table, int4_weight, ort_int4_roundtrip
+
+__all__ = ["Int4Format", "Int4Quant", "apply_int4", "ort_int4_roundtrip", "untie"]
+
+HEADS = ("float", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,7 @@ class Int4Format:
     block_size: int
     symmetric: bool
     accuracy_level: int
+    bits: int = 4
 
 
 @dataclass(frozen=True)
@@ -30,31 +42,84 @@ class Int4Quant:
     block_size: int = 32  # weights per scale along the input dimension (16, 32, 64, 128, 256)
     symmetric: bool = False  # asymmetric uint4 + zero point (ORT's default); some NPUs need symmetric
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86 CPUs), 0 = fp32
-    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch patterns over nn.Linear module names
+    layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
+    lm_head: str = "float"  # language models: float | int8 | int4
+    embeddings: str = "float"  # language models: float | int4 (GatherBlockQuantized)
 
     def __post_init__(self) -> None:
         check_block_size("quant.int4", self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise StageError(f"quant.int4: accuracy_level={self.accuracy_level} must be 0..4")
+        if self.lm_head not in HEADS or self.embeddings not in ("float", "int4"):
+            raise StageError(
+                f"quant.int4: lm_head='{self.lm_head}' must be one of {', '.join(HEADS)} and "
+                f"embeddings='{self.embeddings}' float or int4"
+            )
+
+
+def untie(model) -> None:
+    """Give the LM head its own weight (a tied head shares the embedding table's Parameter)."""
+    import torch
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+
+
+def _head_and_embeddings(cfg: Int4Quant, lm) -> dict:
+    """{module name: (module, Int4Format, grid fn)} for the LM head and the token embeddings."""
+    if cfg.lm_head == "float" and cfg.embeddings == "float":
+        return {}
+    model = lm.model
+    if lm.task != "text-generation" or model.get_output_embeddings() is None:
+        raise StageError("quant.int4: lm_head / embeddings apply to causal language models: leave them 'float'")
+    if cfg.lm_head != cfg.embeddings:
+        untie(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if cfg.lm_head != "float":
+        bits = 8 if cfg.lm_head == "int8" else 4
+        sym = True if bits == 8 else cfg.symmetric
+        fmt = Int4Format(cfg.block_size, sym, cfg.accuracy_level, bits)
+        out[names[id(head)]] = (head, fmt, lambda w, f=fmt: int4_weight(w, f.block_size, f.symmetric, f.bits))
+    if cfg.embeddings == "int4":
+        fmt = Int4Format(cfg.block_size, False, cfg.accuracy_level)
+        out[names[id(emb)]] = (emb, fmt, lambda w: int4_table(w, cfg.block_size))
+    return out
 
 
 def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     import torch
 
-    layers = linear_layers(lm, cfg.layers)
+    patterns = default_layers(lm, cfg.layers)
+    layers = linear_layers(lm, patterns)
     if not layers:
-        raise StageError(f"quant.int4: no nn.Linear matches {list(cfg.layers)}: set layers to patterns of module names")
+        raise StageError(f"quant.int4: no nn.Linear matches {list(patterns)}: set layers to patterns of module names")
     fmt = Int4Format(cfg.block_size, cfg.symmetric, cfg.accuracy_level)
-    per_layer = []
+    extra = _head_and_embeddings(cfg, lm)
+    targets = {name: (mod, fmt, lambda w: int4_weight(w, cfg.block_size, cfg.symmetric)) for name, mod in
+               layers.items() if name not in extra and mod.in_features % 2 == 0}  # fmt: skip
+    targets.update(extra)
+    per_layer, formats = [], {}
     with torch.no_grad():
-        for name, mod in layers.items():
-            if mod.in_features % 2:
-                continue
-            w = mod.weight.detach().float()  # (out, in) = (N, K)
-            wq = torch.from_numpy(ort_int4_roundtrip(w.T.numpy(), cfg.block_size, cfg.symmetric)).T
+        for name, (mod, f, grid) in targets.items():
+            w = mod.weight.detach().float()
+            wq = grid(w)
             err = float((w - wq).norm() / w.norm())
             mod.weight.copy_(wq.to(mod.weight.dtype))
-            per_layer.append({"layer": name, "relative_error": round(err, 5)})
-    lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **{r["layer"]: fmt for r in per_layer}})
+            formats[name] = f
+            per_layer.append({"layer": name, "bits": f.bits, "relative_error": round(err, 5)})
+    lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **formats})
     errs = [r["relative_error"] for r in per_layer]
-    return lm, {"layers": len(per_layer), "mean_relative_error": round(float(np.mean(errs)), 5), "per_layer": per_layer}
+    return lm, {
+        "layers": len(per_layer),
+        "patterns": list(patterns),
+        "lm_head": cfg.lm_head,
+        "embeddings": cfg.embeddings,
+        "mean_relative_error": round(float(np.mean(errs)), 5),
+        "per_layer": per_layer,
+    }

@@ -16,15 +16,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compress.core.models import linear_layers, torch_outputs
+from compress.core.models import default_layers, forward_only, linear_layers
 from compress.stages.base import StageError, TorchContext
+from compress.stages.structure import decoder_blocks
 
 
 @dataclass(frozen=True)
 class LowRank:
     rank: int = 32  # fixed rank, or the cap when explained > 0
     explained: float = 0.0  # > 0: per layer, the smallest rank reaching this share of the (weighted) error
-    layers: tuple[str, ...] = ("*",)
+    layers: tuple[str, ...] = ()  # fnmatch over nn.Linear names; empty: every Linear / a decoder's *layers.*
     calibration_samples: int = 64
     eig_floor: float = 1e-6  # eigenvalues below floor * largest are clamped to it
 
@@ -107,7 +108,7 @@ def _forward_with_hooks(lm, names: list[str], texts: list[str], fn) -> None:
     hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            torch_outputs(lm, texts, batch_size=16)
+            forward_only(lm, texts, batch_size=16)
     finally:
         for h in hooks:
             h.remove()
@@ -128,15 +129,97 @@ def _input_groups(lm, names: list[str], texts: list[str]) -> list[list[str]]:
 
 def _input_covariances(lm, names: list[str], texts: list[str]) -> dict[str, np.ndarray]:
     """E[x xᵀ] of each named Linear's input over all calibration tokens (float64), in one forward pass."""
+    import torch
+
+    def run():
+        with torch.no_grad():
+            forward_only(lm, texts, batch_size=16)
+
+    return _collect(lm, names, run)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early (only the first block's inputs were wanted)."""
+
+
+class BlockStream:
+    """A decoder's calibration activations block by block (what GPTQ-style layer-wise calibration does): the inputs
+    of block 0 are captured once, and each later block's inputs come from running the blocks before it, in their
+    current (compressed and compensated) state, on the cached inputs. A group of Linears inside block i then costs
+    one pass of block i instead of a forward of the whole model."""
+
+    def __init__(self, lm, texts: list[str], prefix: str, blocks, batch_size: int = 8):
+        import torch
+
+        self.prefix, self.blocks, self.index = prefix, blocks, 0
+        self.inputs: list[tuple[tuple, dict]] = []
+
+        def capture(_module, args, kwargs):
+            self.inputs.append((args, kwargs))
+            raise _Stop
+
+        hook = blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(texts), batch_size):
+                    enc = lm.tokenizer(texts[i : i + batch_size], padding=True, truncation=True,
+                                       max_length=lm.max_length, return_tensors="pt")  # fmt: skip
+                    try:
+                        lm.model(**enc, use_cache=False)
+                    except _Stop:
+                        pass
+        finally:
+            hook.remove()
+
+    def block_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        head = name[len(self.prefix) :].split(".")[0]
+        return int(head) if head.isdigit() else None
+
+    def _run(self, i: int) -> list:
+        outs = []
+        for args, kwargs in self.inputs:
+            out = self.blocks[i](*args, **kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        return outs
+
+    def covariances(self, lm, names: list[str]) -> dict[str, np.ndarray]:
+        """E[x xᵀ] of the named Linears' inputs, all inside one block, from that block's cached inputs."""
+        import torch
+
+        i = self.block_of(names[0])
+        with torch.no_grad():
+            while self.index < i:  # the blocks before i are final now: move the cached inputs through them
+                for k, hidden in enumerate(self._run(self.index)):
+                    args, kwargs = self.inputs[k]
+                    self.inputs[k] = (
+                        ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+                    )
+                self.index += 1
+            return _collect(lm, names, lambda: self._run(i))
+
+
+def _collect(lm, names: list[str], run) -> dict[str, np.ndarray]:
+    """E[x xᵀ] (float64) of each named module's input over every token ``run()`` feeds it."""
+    modules = dict(lm.model.named_modules())
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
 
-    def collect(name, x):
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        sums[name] = sums.get(name, 0) + (x.T @ x).numpy()
-        counts[name] = counts.get(name, 0) + x.shape[0]
+    def hook(name):
+        def on_forward(_module, inputs, _output) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x.T @ x).numpy()
+            counts[name] = counts.get(name, 0) + x.shape[0]
 
-    _forward_with_hooks(lm, names, texts, collect)
+        return on_forward
+
+    hooks = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
     return {name: sums[name] / counts[name] for name in names}
 
 
@@ -148,8 +231,9 @@ def _weighted_norm(m: np.ndarray, cov: np.ndarray) -> float:
 def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
 
     stage = "lowrank.eora" if whiten else "lowrank.svd"
-    originals = {n: m.weight.detach().double().numpy() for n, m in linear_layers(ctx.original, cfg.layers).items()}
-    current = linear_layers(lm, cfg.layers)
+    patterns = default_layers(lm, cfg.layers, ("*",))
+    originals = {n: m.weight.detach().double().numpy() for n, m in linear_layers(ctx.original, patterns).items()}
+    current = linear_layers(lm, patterns)
     targets = [
         n
         for n, m in current.items()
@@ -162,10 +246,15 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
         )
     texts = list(ctx.calibration[: cfg.calibration_samples])
     per_layer = []
+    found = decoder_blocks(lm)
+    stream = BlockStream(lm, texts, *found) if found is not None else None
     # Module order, earlier layers first; each group's activations come from the already compensated model.
     # SVD does not use the covariance for its factors, only to report the error in the same norm as EoRA.
     for group in _input_groups(lm, targets, texts):
-        covs = _input_covariances(lm, group, texts)
+        if stream is not None and stream.block_of(group[0]) is not None and stream.block_of(group[0]) >= stream.index:
+            covs = stream.covariances(lm, group)
+        else:
+            covs = _input_covariances(lm, group, texts)
         for name in group:
             per_layer.append(_compensate_layer(lm, name, covs[name], originals[name], cfg, whiten))
     for name in targets:  # int4 packing follows the weight into its new module

@@ -39,16 +39,19 @@ from pathlib import Path
 import numpy as np
 
 from compress.core.fs import file_bytes
-from compress.core.models import linear_layers
+from compress.core.models import default_layers, linear_layers
 from compress.stages.base import OnnxContext, StageError
 from compress.stages.distil import distil_loss, student_outputs, training
 from compress.stages.grids import check_block_size, int4_table, int4_weight, int8_weight
-from compress.stages.int4 import Int4Format
+from compress.stages.int4 import Int4Format, untie
 from compress.stages.quant import DynamicQuant, StaticQuant, apply_dynamic, apply_static
 from export.int4_pack import layer_nodes, pack_int4
+from export.int4_pack import op_weight as onnx_weight
 from runtimes.profiler import ProfileConfig, Shape, measure_latency
 
-CANDIDATES = ("int8-dynamic", "int8-qdq", "int4-weights")  # names as in profiles/*.toml `precisions`
+# names as in profiles/*.toml `precisions`; int8-weights = 8-bit MatMulNBits (block-wise symmetric weights, int8
+# activations per block with accuracy_level 4): the int8 of language models (compress.stages.quant)
+CANDIDATES = ("int8-dynamic", "int8-qdq", "int8-weights", "int4-weights")
 ORDERINGS = ("augmented", "hessian")
 
 
@@ -67,7 +70,7 @@ class MixedQuant:
     latency_aware: bool = False  # time the feasible probes on this host and keep the fastest
     latency_runs: int = 20
     measure_alone: bool = False  # also evaluate each layer alone at the most aggressive candidate (L more evals)
-    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch patterns over nn.Linear module names
+    layers: tuple[str, ...] = ()  # fnmatch over nn.Linear names; empty: *encoder* / decoder *layers.* (+ LM head)
     embeddings: bool = True  # the word-embedding table joins the search (int8 Gather / int4 GatherBlockQuantized)
 
     def __post_init__(self) -> None:
@@ -123,18 +126,16 @@ def is_embedding(mod) -> bool:
     return isinstance(mod, torch.nn.Embedding)
 
 
-def onnx_weight(mod) -> np.ndarray:
-    """The weight as the exported op holds it: MatMul B = W^T (K, N) for a Linear, Gather data (V, H) for an embedding."""
-    w = mod.weight.detach().float()
-    return (w if is_embedding(mod) else w.T).numpy()
-
-
 def quantized_weight(mod, precision: str, cfg: MixedQuant):
     w = mod.weight.detach()
     if precision == "float":
         return w
     if is_embedding(mod):
+        if precision == "int8-weights":  # ORT's GatherBlockQuantized takes 4 bits only: the table stays float
+            return w
         return int4_table(w, cfg.block_size) if precision.startswith("int4") else int8_weight(w, per_channel=False)
+    if precision == "int8-weights":
+        return int4_weight(w, cfg.block_size, True, bits=8)
     return int4_weight(w, cfg.block_size) if precision.startswith("int4") else int8_weight(w)
 
 
@@ -143,9 +144,9 @@ def _fake_quant_input(x, precision: str, cfg: MixedQuant):
     calibrated QDQ, approximated by the batch range) or block-wise symmetric int8 (MatMulNBits accuracy_level 4)."""
     import torch
 
-    if precision == "float" or (precision.startswith("int4") and cfg.accuracy_level != 4):
+    if precision == "float" or (precision in ("int4-weights", "int8-weights") and cfg.accuracy_level != 4):
         return x
-    if precision.startswith("int8"):
+    if precision in ("int8-dynamic", "int8-qdq"):
         lo, hi = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
         scale = ((hi - lo) / 255).clamp(min=1e-12)
         zp = torch.round(-lo / scale)
@@ -211,10 +212,10 @@ def _outputs(lm, enc):
     return student_outputs(lm, enc)
 
 
-def _distance(out, ref, task: str):
+def _distance(out, ref, task: str, enc=None):
     """Distillation loss / output change against the original outputs (the same as the pruning recovery)."""
 
-    return distil_loss(out, ref, task)
+    return distil_loss(out, ref, task, None if enc is None else enc.get("attention_mask"))
 
 
 @training
@@ -239,7 +240,7 @@ def hessian_traces(lm, layers: dict, batches: list[dict], refs: list, samples: i
         with sdpa_kernel(SDPBackend.MATH):
             for i in range(samples):
                 enc, ref = batches[i % len(batches)], refs[i % len(batches)]
-                loss = _distance(_outputs(lm, enc), ref, lm.task)
+                loss = _distance(_outputs(lm, enc), ref, lm.task, enc)
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in params]
                 hv = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), params)
@@ -283,6 +284,8 @@ def weight_bytes(k: int, n: int, precision: str, block_size: int, per_channel: b
     uint4 + per-block fp32 scales + packed 4-bit zero points (MatMulNBits / GatherBlockQuantized)."""
     if precision == "float":
         return 4 * k * n
+    if precision == "int8-weights":
+        return n * (k + 4 * -(-k // block_size)) if per_channel else 4 * k * n  # a table stays float
     if precision.startswith("int8"):
         return k * n + (5 * n if per_channel else 5)
     blocks = -(-k // block_size)
@@ -298,7 +301,9 @@ def _context_change(lm, layers, batches, refs, assignment, cache, cfg) -> float:
     import torch
 
     with torch.inference_mode(), Simulated(layers, assignment, cache, cfg):
-        return float(np.mean([float(_distance(_outputs(lm, enc), ref, lm.task)) for enc, ref in zip(batches, refs)]))
+        return float(
+            np.mean([float(_distance(_outputs(lm, enc), ref, lm.task, enc)) for enc, ref in zip(batches, refs)])
+        )
 
 
 def rank_moves(cfg: MixedQuant, lm, layers: dict, texts: list[str], progress) -> tuple[list[Move], dict]:
@@ -326,7 +331,11 @@ def rank_moves(cfg: MixedQuant, lm, layers: dict, texts: list[str], progress) ->
                 err_dst = float(((quantized_weight(mod, dst, cfg) - w) ** 2).sum())
                 err_src = float(((quantized_weight(mod, src, cfg) - w) ** 2).sum())
             curvature = traces[name]["trace"] / w.numel()
-            ctx_change = _context_change(lm, layers, batches, refs, {**context_assignment, name: dst}, cache, cfg)
+            ctx_change = (  # the plain Hessian ordering needs no in-context measurement (one forward per move)
+                _context_change(lm, layers, batches, refs, {**context_assignment, name: dst}, cache, cfg)
+                if cfg.ordering == "augmented"
+                else 0.0
+            )
             cls.append(
                 Move(
                     name,
@@ -337,7 +346,8 @@ def rank_moves(cfg: MixedQuant, lm, layers: dict, texts: list[str], progress) ->
                     context=ctx_change,
                 )
             )
-        base = _context_change(lm, layers, batches, refs, context_assignment, cache, cfg) if src != "float" else 0.0
+        measured = src != "float" and cfg.ordering == "augmented"
+        base = _context_change(lm, layers, batches, refs, context_assignment, cache, cfg) if measured else 0.0
         for m in cls:
             m.context = m.context - base  # the move's own share, not the context's
         moves += cls
@@ -370,8 +380,22 @@ def order_moves(moves: list[Move], ordering: str) -> list[Move]:
 
 
 def word_embeddings(lm) -> dict:
-    """The token-embedding table(s): nn.Embedding modules named *word_embeddings* (BERT-style encoders)."""
+    """The token-embedding table(s): nn.Embedding modules named *word_embeddings* (BERT-style encoders), a causal
+    LM's input embeddings."""
+    if lm.task == "text-generation":
+        emb = lm.model.get_input_embeddings()
+        return {n: m for n, m in lm.model.named_modules() if m is emb}
     return {n: m for n, m in lm.model.named_modules() if is_embedding(m) and n.endswith("word_embeddings")}
+
+
+def lm_head(lm) -> dict:
+    """A causal LM's output projection as its own layer (untied from the embeddings first, so the two can take
+    different precisions)."""
+    if lm.task != "text-generation" or lm.model.get_output_embeddings() is None:
+        return {}
+    untie(lm.model)
+    head = lm.model.get_output_embeddings()
+    return {n: m for n, m in lm.model.named_modules() if m is head}
 
 
 def assignment_after(layers, moves: list[Move], k: int) -> dict[str, str]:
@@ -395,12 +419,16 @@ def build_onnx(
 ) -> Path:
     """One ONNX model holding the assignment: MatMulNBits where int4, int8 (dynamic or QDQ) where int8."""
 
-    int4 = {
-        n: (onnx_weight(layers[n]), Int4Format(cfg.block_size, False, cfg.accuracy_level))
-        for n, p in assignment.items()
-        if p.startswith("int4")
+    formats = {
+        "int4-weights": Int4Format(cfg.block_size, False, cfg.accuracy_level),
+        "int8-weights": Int4Format(cfg.block_size, True, cfg.accuracy_level, bits=8),
     }
-    int8 = {node_of[n] for n, p in assignment.items() if p.startswith("int8")}
+    int4 = {  # MatMulNBits / GatherBlockQuantized (an embedding table at int8-weights stays float)
+        n: (onnx_weight(layers[n]), formats[p])
+        for n, p in assignment.items()
+        if p in formats and not (p == "int8-weights" and is_embedding(layers[n]))
+    }
+    int8 = {node_of[n] for n, p in assignment.items() if p in ("int8-dynamic", "int8-qdq")}
     current = src
     if int4:
         current = dst.with_name(dst.stem + ".int4.onnx") if int8 else dst
@@ -525,11 +553,12 @@ def plan_search(cfg: MixedQuant, src: Path, ctx: OnnxContext) -> Plan:
         raise StageError("quant.mixed needs the torch model and an evaluator: run it through `compress run`")
     lm = ctx.torch_model
     progress = ctx.progress or (lambda msg: None)
-    layers = {n: m for n, m in linear_layers(lm, cfg.layers).items() if m.in_features % 2 == 0}
+    patterns = default_layers(lm, cfg.layers)
+    layers = {n: m for n, m in linear_layers(lm, patterns).items() if m.in_features % 2 == 0}
     if not layers:
-        raise StageError(
-            f"quant.mixed: no nn.Linear matches {list(cfg.layers)}: set layers to patterns of module names"
-        )
+        raise StageError(f"quant.mixed: no nn.Linear matches {list(patterns)}: set layers to patterns of module names")
+    if not cfg.layers:
+        layers = {**layers, **lm_head(lm)}
     if cfg.embeddings:
         layers = {**word_embeddings(lm), **layers}
     node_of = layer_nodes(onnx.load(str(src)), {n: onnx_weight(m) for n, m in layers.items()})

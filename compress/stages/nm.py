@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from compress.core.models import linear_layers
+from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import distil_train
 
@@ -52,7 +52,7 @@ class NMPrune:
     masked_gradient: bool = False  # exact gradient through the mask instead of straight-through
     learning_rate: float = 5e-5
     batch_size: int = 16
-    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch patterns over nn.Linear module names
+    layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear module names; empty: *encoder* / decoder *layers.*
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -218,9 +218,10 @@ def _train(cfg: NMPrune, lm, ctx: TorchContext, layers: dict) -> dict:
 def apply_nm(cfg: NMPrune, lm, ctx: TorchContext):
     import torch
 
-    matched = linear_layers(lm, cfg.layers)
+    patterns = default_layers(lm, cfg.layers)
+    matched = linear_layers(lm, patterns)
     if not matched:
-        raise StageError(f"prune.nm: no nn.Linear matches {list(cfg.layers)}: set layers to patterns of module names")
+        raise StageError(f"prune.nm: no nn.Linear matches {list(patterns)}: set layers to patterns of module names")
     layers = {name: mod for name, mod in matched.items() if mod.in_features % cfg.m == 0}
     oneshot = {name: nm_mask(mod.weight.detach(), cfg.n, cfg.m) for name, mod in layers.items()}
     if cfg.method == "oneshot":

@@ -12,17 +12,23 @@ Granularities:
   ||W1[i,:]|| * ||W2[:,i]||, physically removed before export: smaller and faster everywhere.
 - ``head``: whole attention heads (Q/K/V rows and the output columns of a head), scored by the norms of
   those slices, removed with transformers' own ``prune_heads`` before export.
+
+Causal LMs with gated FFNs and grouped-query attention (Llama-style ``model.layers.N.mlp.{gate,up,down}_proj`` and
+``self_attn.{q,k,v,o}_proj``): a channel is neuron i of gate and up (rows) and of down (column) together, scored
+by (||gate[i]|| + ||up[i]||) * ||down[:, i]||; a head unit is a whole key/value group (one K/V head and the query
+heads that read it: q rows, k/v rows, o columns), so the grouping survives. Recovery distils the next-token
+distributions (``compress.stages.distil``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from compress.core.models import linear_layers
+from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import distil_train
 from compress.stages.layers import taylor_scores
-from compress.stages.structure import transformer
+from compress.stages.structure import decoder_blocks, transformer
 
 GRANULARITIES = ("unstructured", "channel", "head")
 IMPORTANCE = ("magnitude", "taylor")
@@ -39,7 +45,7 @@ class GradualPrune:
     total_steps: int = 400
     learning_rate: float = 5e-5
     batch_size: int = 16
-    layers: tuple[str, ...] = ("*encoder*",)  # fnmatch over nn.Linear names (unstructured only)
+    layers: tuple[str, ...] = ()  # fnmatch over nn.Linear names (unstructured only); empty: *encoder* / *layers.*
     importance: str = "magnitude"  # magnitude | taylor (channel / head: first-order, LLM-Pruner's group score)
     samples: int = 128  # calibration sentences (or --train pairs) for the Taylor scores
     seed: int = 0
@@ -107,14 +113,51 @@ def _taylor_units(lm, ctx: TorchContext, cfg: GradualPrune) -> list:
     return taylor_scores(lm, ctx, list(ctx.calibration[: cfg.samples]), cfg.batch_size, units)
 
 
+def _norm_rows(*mods):
+    return sum(m.weight.detach().norm(dim=1) for m in mods)
+
+
+def _decoder_groups(blocks, cfg: GradualPrune) -> list:
+    """Channel / head groups of Llama-style decoder blocks (gated FFN, grouped-query attention)."""
+    groups = []
+    for i, layer in enumerate(blocks):
+        if cfg.granularity == "channel":
+            mlp = getattr(layer, "mlp", None)
+            if not all(hasattr(mlp, k) for k in ("gate_proj", "up_proj", "down_proj")):
+                raise StageError("prune.gradual: channel pruning of decoders takes gated FFNs (mlp.gate/up/down_proj)")
+            g, u, d = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+            score = lambda g=g, u=u, d=d: _norm_rows(g, u) * d.weight.detach().norm(dim=0)
+            groups.append((f"layer.{i}.ffn", score, [(g, "rows"), (u, "rows"), (d, "cols")]))
+            continue
+        att = layer.self_attn
+        hd, kv = att.head_dim, att.k_proj.out_features // att.head_dim
+        rep = att.q_proj.out_features // (kv * hd)
+
+        def score(att=att, hd=hd, kv=kv, rep=rep):
+            q = att.q_proj.weight.detach().reshape(kv, rep * hd, -1).flatten(1).norm(dim=1)
+            k, v = (m.weight.detach().reshape(kv, hd, -1).flatten(1).norm(dim=1) for m in (att.k_proj, att.v_proj))
+            o = att.o_proj.weight.detach().reshape(-1, kv, rep * hd).transpose(0, 1).flatten(1).norm(dim=1)
+            return (q + k + v) * o
+
+        groups.append((f"layer.{i}.kv_groups", score, [(att.q_proj, ("rows", rep * hd)), (att.k_proj, ("rows", hd)),
+                                                        (att.v_proj, ("rows", hd)), (att.o_proj, ("cols", rep * hd))]))  # fmt: skip
+    return groups
+
+
 def _groups(lm, cfg: GradualPrune, ctx: TorchContext):
     """(name, unit-score function, [(module, how the unit mask expands onto its weight)]) per layer."""
 
     if cfg.granularity == "unstructured":
-        layers = linear_layers(lm, cfg.layers)
+        patterns = default_layers(lm, cfg.layers)
+        layers = linear_layers(lm, patterns)
         if not layers:
-            raise StageError(f"prune.gradual: no nn.Linear matches {list(cfg.layers)}")
+            raise StageError(f"prune.gradual: no nn.Linear matches {list(patterns)}")
         return [(name, lambda m=mod: m.weight.detach().abs(), [(mod, None)]) for name, mod in layers.items()]
+    found = decoder_blocks(lm)
+    if found is not None:
+        if cfg.importance != "magnitude":
+            raise StageError("prune.gradual: decoders are pruned by magnitude importance: set importance = 'magnitude'")
+        return _decoder_groups(found[1], cfg)
     groups = []
     taylor = _taylor_units(lm, ctx, cfg) if cfg.importance == "taylor" else None
     for i, layer in enumerate(_encoder(lm).encoder.layer):
@@ -186,11 +229,69 @@ def _update_masks(groups, sparsity: float) -> list[dict]:
     return out
 
 
+def _shrunk(mod, keep, axis: str):
+    """A new Linear holding only the ``keep`` rows (outputs) or columns (inputs) of ``mod`` (mask removed first)."""
+    import torch
+    from torch.nn.utils import prune as tprune
+
+    if tprune.is_pruned(mod):
+        tprune.remove(mod, "weight")
+    rows = axis == "rows"
+    new = torch.nn.Linear(mod.in_features if rows else len(keep), len(keep) if rows else mod.out_features,
+                          bias=mod.bias is not None)  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(mod.weight[keep] if rows else mod.weight[:, keep])
+        if mod.bias is not None:
+            new.bias.copy_(mod.bias[keep] if rows else mod.bias)
+    return new
+
+
+def _remove_decoder_units(lm, cfg: GradualPrune, blocks) -> dict:
+    """Drop masked FFN neurons (gate/up rows, down columns) or whole key/value groups from decoder blocks."""
+    import torch
+
+    removed, sizes = {}, set()
+    for i, layer in enumerate(blocks):
+        if cfg.granularity == "channel":
+            mlp = layer.mlp
+            keep = torch.nonzero(mlp.gate_proj.weight_mask[:, 0] > 0).flatten()
+            removed[f"layer.{i}.ffn"] = mlp.gate_proj.out_features - len(keep)
+            mlp.gate_proj, mlp.up_proj = _shrunk(mlp.gate_proj, keep, "rows"), _shrunk(mlp.up_proj, keep, "rows")
+            mlp.down_proj = _shrunk(mlp.down_proj, keep, "cols")
+            sizes.add(len(keep))
+            continue
+        att = layer.self_attn
+        hd = att.head_dim
+        kv_keep = torch.nonzero(att.k_proj.weight_mask[::hd, 0] > 0).flatten()
+        rep = att.q_proj.out_features // att.k_proj.out_features
+        kv_rows = (kv_keep[:, None] * hd + torch.arange(hd)).flatten()
+        q_rows = (kv_keep[:, None] * rep * hd + torch.arange(rep * hd)).flatten()
+        removed[f"layer.{i}.kv_groups"] = att.k_proj.out_features // hd - len(kv_keep)
+        att.q_proj, att.o_proj = _shrunk(att.q_proj, q_rows, "rows"), _shrunk(att.o_proj, q_rows, "cols")
+        att.k_proj, att.v_proj = _shrunk(att.k_proj, kv_rows, "rows"), _shrunk(att.v_proj, kv_rows, "rows")
+        sizes.add(len(kv_keep))
+    config = lm.model.config
+    if len(sizes) == 1:  # uniform per layer (one threshold per layer): the config can say so
+        n = sizes.pop()
+        if cfg.granularity == "channel":
+            config.intermediate_size = n
+        else:
+            # num_attention_heads stays: optimum's ORTModelForCausalLM sizes the KV cache as hidden_size //
+            # num_attention_heads per head. The blocks' own modules hold head_dim and the query-per-K/V ratio.
+            rep = config.num_attention_heads // config.num_key_value_heads
+            config.num_key_value_heads = n
+            config.attention_heads_kept = n * rep
+    return removed
+
+
 def _physically_remove(lm, cfg: GradualPrune, groups) -> dict:
     """Drop the masked FFN neurons / heads so the exported matrices are smaller."""
     import torch
     from torch.nn.utils import prune as tprune
 
+    found = decoder_blocks(lm)
+    if found is not None:
+        return _remove_decoder_units(lm, cfg, found[1])
     encoder = _encoder(lm)
     removed = {}
     if cfg.granularity == "channel":

