@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from _results import save
 
-RECIPES = ("dynamic-int8", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
+RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
 PROMPT, NEW = 32, 64
 
 
@@ -278,6 +278,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from compress.core.data import calibration_and_heldout, shipped_sentences
+    from compress.core.errors import CompressError
     from compress.core.lm_eval import (
         next_token_fidelity,
         perplexity,
@@ -312,9 +313,14 @@ def main() -> None:
         variants["llama.cpp Q4_1 GGUF (original)"] = ("gguf", gguf_file())
     except ImportError:
         log("llama-cpp-python not installed: llama.cpp anchor skipped")
-    runs = {}
+    runs, refused = {}, {}
     for recipe in a.recipes.split(","):
-        out = run_recipe(recipe, a.work, calib, a.ppl_text, a.threads)
+        try:
+            out = run_recipe(recipe, a.work, calib, a.ppl_text, a.threads)
+        except CompressError as e:  # e.g. the perplexity gate: recorded, the other variants still measured
+            log(f"{recipe}: refused: {e}")
+            refused[recipe] = str(e)
+            continue
         runs[recipe] = json.loads((out / "report.json").read_text())
         variants[f"compress {recipe}"] = ("ort", out / "model.onnx")
 
@@ -347,7 +353,8 @@ def main() -> None:
             timed["onnxruntime-genai builder int4 (og.Generator)"] = GenaiRunner(og_dir, a.threads, a.work)
         eora = a.work / "lm-int4-eora"
         if (eora / "model.onnx").is_file():
-            genai_config(eora, config)
+            if not (eora / "genai_config.json").is_file():  # compress run writes one (export/genai.py)
+                genai_config(eora, config)
             timed["compress lm-int4-eora (og.Generator)"] = GenaiRunner(eora, a.threads, a.work)
     except ImportError:
         log("onnxruntime-genai not installed: og.Generator timings skipped")
@@ -414,6 +421,7 @@ def main() -> None:
         "timing_loop_s": round(loop_s, 1),
         "minutes": round((time.perf_counter() - t_start) / 60, 1),
         "rows": rows,
+        "refused": refused,
         "recipe_runs": {
             k: {
                 "stages": [
@@ -476,6 +484,8 @@ def table(out: dict) -> str:
             f"{r['top1']:.3f} | {r['mb']:.1f} | {r['mb_vs_fp32']:.2f} | {r.get('ttft_ms', 'n/a')} | "
             f"{r.get('decode_tok_s', 'n/a')} | {r.get('decode_vs_fp32', 'n/a')} | {r.get('peak_rss_mb') or 'n/a'} |"
         )
+    for name, why in out.get("refused", {}).items():
+        lines.append(f"| compress {name} | refused by the run | {why} |")
     lines += ["", "Recipe runs (compress run smollm2 --recipe NAME, settings in lm.json):", ""]
     for name, run in out["recipe_runs"].items():
         stages = "; ".join(f"{s['name']} {s['seconds']} s {json.dumps(s['metrics'])}" for s in run["stages"])
