@@ -317,6 +317,8 @@ FILES = {
     "onnx/model.required_operators.config": "the operators an ORT Mobile reduced build needs for this model",
     "generation_config.json": "eos / pad tokens for generate()",
     "genai_config.json": "onnxruntime-genai's configuration, generated from config.json and the graph",
+    "delta.safetensors": "the kept fine-tuning delta (prune.delta): `compress apply-delta BASE delta.safetensors "
+    "--out DIR` rebuilds the pruned model from its base",
 }
 
 

@@ -185,10 +185,12 @@ def check_applicable(
 
 
 def _example_recipe(kind: ModelKind) -> str | None:
-    """The first shipped recipe whose every stage is built for ``kind`` and which has a stage."""
+    """The first shipped recipe whose every stage is built for ``kind`` and which has a stage and needs no input of
+    its own (a --base model, --train pairs)."""
     for name in shipped_recipes():
         r = load_recipe(name)
-        if r.stages and all(kind in s.type.kinds for s in r.stages):
+        needs_input = any(s.type.needs_for(s.config) & {"base", "labels"} for s in r.stages)
+        if r.stages and all(kind in s.type.kinds for s in r.stages) and not needs_input:
             return name
     return None
 

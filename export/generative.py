@@ -22,7 +22,7 @@ import numpy as np
 
 from compress.core.errors import CompressError, first_line
 from compress.core.kinds import ONNX_FILES, GenKind
-from compress.core.models import check_finite
+from compress.core.models import check_finite, prepare_tokenizer
 
 OPTIMUM_TASK = {
     "text-generation": "text-generation-with-past",
@@ -48,15 +48,6 @@ def load_torch(path: Path, kind: GenKind) -> tuple[Any, Any]:
     check_finite(model, path)
     prepare_tokenizer(tokenizer, kind)
     return model, tokenizer
-
-
-def prepare_tokenizer(tokenizer: Any, kind: GenKind) -> None:
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise CompressError("the tokenizer has neither a pad nor an eos token: set pad_token and save it again")
-        tokenizer.pad_token = tokenizer.eos_token
-    if kind == "text-generation":
-        tokenizer.padding_side = "left"
 
 
 def export_generative(model: Any, tokenizer: Any, kind: GenKind, out_dir: Path, opset: int | None = None) -> list[Path]:

@@ -194,7 +194,7 @@ def test_search_q_finds_the_minimum_of_a_smooth_loss(target):
         ({"method": "darex-q", "p": 0.9, "q": 0.05}, r"q=0.05 must be 0 \(search it\) or in \[1 - p, 1\]"),
         ({"method": "darex-q", "p": 0.9, "q": 1.5}, r"q=1.5 must be 0"),
         ({"method": "dare", "q": 0.5}, "q is used by method='darex-q' only"),
-        ({"method": "darex-q", "q_search": "grid"}, "q_search='grid' scores q on a labelled file: set eval_file"),
+        ({"method": "darex-q", "q_search": "grid"}, "q_search='grid' scores q on eval_file: set eval_file"),
         ({"delta_dtype": "int8"}, "delta_dtype='int8' is not one of fp32, fp16"),
     ],
 )

@@ -34,6 +34,13 @@ Logits = Callable[[np.ndarray], np.ndarray]  # (T,) int64 ids -> (T, V) float32 
 CHUNKS, LENGTH, SEED = 15, 256, 0
 
 
+def context_length(config: dict) -> int:
+    """The context a language model is calibrated, trained and scored with (config.json as a dict): LENGTH tokens,
+    or fewer when its learned positions are fewer."""
+    limit = config.get("n_positions") or config.get("max_position_embeddings") or LENGTH
+    return int(min(LENGTH, limit))
+
+
 def sentences_of(path: Path) -> list[str]:
     """Sentences 1 and 2 of every row of an STS-B file, else one text per line of any text file."""
     content = read_utf8(path)

@@ -6,6 +6,9 @@ The task decides what "the model's output" is everywhere downstream (``compress.
   ``sentence_embedding`` (pooling + normalisation as the folder configures them).
 - ``feature-extraction``: a plain transformers encoder; output = mean-pooled last hidden state.
 - ``text-classification``: ``AutoModelForSequenceClassification``; output = logits.
+- ``text-generation``: ``AutoModelForCausalLM`` (a causal LM, loaded when asked for by task: the generative flow
+  loads its own model, and ``prune.delta`` / ``compress apply-delta`` load a causal LM's base this way); output =
+  next-token log-probabilities after each text's last token.
 
 Layer selection, one vocabulary for every stage: ``layers`` is a tuple of fnmatch patterns over *module names*
 (``model.named_modules()``); a parameter tensor belongs to the module its name ends in.
@@ -25,6 +28,7 @@ import numpy as np
 
 from compress.core.errors import CompressError, first_line
 from compress.core.kinds import GEN_KIND_OF, GEN_TASKS, GenKind, ModelKind, generative_kind
+from compress.core.lm_eval import context_length
 from compress.core.numerics import mean_pool
 
 Task = Literal["sentence-embedding", "feature-extraction", "text-classification"]
@@ -140,10 +144,23 @@ def detect_task(path: Path) -> Task:
     return "feature-extraction"
 
 
-def load_model(name: str, task: Task | None = None) -> LoadedModel:
+def prepare_tokenizer(tokenizer: Any, kind: GenKind) -> None:
+    """A generative model's tokenizer made ready for batches: a pad token (the end token when it has none), and
+    left padding for a decoder-only model (batched generation, and the last position is each text's last token)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise CompressError("the tokenizer has neither a pad nor an eos token: set pad_token and save it again")
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == "text-generation":
+        tokenizer.padding_side = "left"
+
+
+def load_model(name: str, task: Task | Literal["text-generation"] | None = None) -> LoadedModel:
+    """An encoder (the task read from the folder unless given), or a causal LM when ``task`` is "text-generation"
+    (its tokenizer prepared for batches: ``prepare_tokenizer``; ``max_length``: ``lm_eval.context_length``)."""
     path = resolve_path(name)
-    if task is not None and task not in TASKS:
-        raise CompressError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    if task is not None and task not in (*TASKS, "text-generation"):
+        raise CompressError(f"unknown task '{task}': choose one of {', '.join(TASKS)}, text-generation")
     try:
         task = task or detect_task(path)
     except json.JSONDecodeError as e:
@@ -157,6 +174,13 @@ def load_model(name: str, task: Task | None = None) -> LoadedModel:
             model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
             tokenizer = model.tokenizer
             max_length = int(model.max_seq_length or 128)
+        elif task == "text-generation":
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            prepare_tokenizer(tokenizer, task)
+            max_length = context_length(model.config.to_dict())
         else:
             from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -220,6 +244,34 @@ def torch_outputs(lm: LoadedModel, texts: list[str], batch_size: int = 32) -> np
             else:
                 out.append(mean_pool(res.last_hidden_state.float().numpy(), enc["attention_mask"].numpy()))
     return np.concatenate(out)
+
+
+def lm_hidden_states(lm: LoadedModel, texts: list[str], batch_size: int = 4) -> np.ndarray:
+    """A causal LM's last hidden state (after the final norm: the LM head's input) at every real token of the texts,
+    (tokens, hidden) float32, pad positions left out. The decoder body runs alone (``base_model``), so no
+    vocabulary-sized logits are made."""
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = lm.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=lm.max_length,
+                               return_tensors="pt")  # fmt: skip
+            hidden = lm.model.base_model(**enc, use_cache=False).last_hidden_state
+            out.append(hidden[enc["attention_mask"].bool()].float().numpy())
+    return np.concatenate(out)
+
+
+def causal_logits(lm: LoadedModel):
+    """A causal LM in torch as ``compress.core.lm_eval.Logits``: (T,) int64 ids -> (T, V) float32 logits, one sequence
+    from an empty cache (perplexity of a torch model, on the chunks the ONNX artefact is scored on)."""
+    import torch
+
+    def logits(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return lm.model(torch.from_numpy(ids)[None], use_cache=False).logits[0].float().numpy()
+
+    return logits
 
 
 def forward_only(lm: LoadedModel, texts: list[str], batch_size: int = 16) -> None:

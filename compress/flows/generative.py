@@ -27,7 +27,7 @@ from compress.core.fs import file_bytes
 from compress.core.kinds import GEN_KIND_OF, GenKind, ModelKind, artifact_kind
 from compress.core.lm_eval import (
     CHUNKS,
-    LENGTH,
+    context_length,
     next_token_fidelity,
     packed_texts,
     perplexity,
@@ -58,13 +58,6 @@ from runtimes.host import host_info
 PARITY_TOKENS = 16  # greedy tokens compared per prompt
 PARITY_PROMPTS = 8
 FIDELITY_CHUNKS = 4  # held-out chunks for next-token KL / top-1 (LENGTH tokens each)
-
-
-def context_length(config: dict) -> int:
-    """The context a language model is calibrated, trained and scored with: LENGTH tokens, or fewer when its
-    learned positions are fewer."""
-    limit = config.get("n_positions") or config.get("max_position_embeddings") or LENGTH
-    return int(min(LENGTH, limit))
 
 
 def _gate_float(parity, what: str) -> None:
@@ -230,11 +223,13 @@ class GenerativeFlow:
         stage_reports: list[dict] = []
         lm = LoadedModel(cfg.model, path, kind, model, tokenizer, max_length=length)  # type: ignore[arg-type]
         source_dir = baseline_dir
+        side_files: list[str] = []  # what torch stages wrote into the artefact (prune.delta: delta.safetensors)
         if torch_stages:
             texts = packed_texts(tokenizer, calibration, length)
             lm, reports = apply_torch_stages(torch_stages, lm, texts, progress, artifact_dir=staging,
                                              base_model=cfg.base)  # fmt: skip
             stage_reports += [dict(r, file="(torch)") for r in reports]
+            side_files = sorted(f.name for f in staging.iterdir() if f.is_file())
             progress("exporting the compressed model to ONNX and checking its greedy tokens against it in torch")
             source_dir = work / "compressed-float"
             files = export_generative(lm.model, tokenizer, kind, source_dir)
@@ -312,7 +307,10 @@ class GenerativeFlow:
             "target": target_section(run.profile),
             "recipe": run.recipe.as_dict(),
             "stages": stage_reports,
-            "files": [f.name for f in files] + extra + ["report.json", "report.md", "plot.png", "README.md"],
+            "files": [f.name for f in files]
+            + extra
+            + side_files
+            + ["report.json", "report.md", "plot.png", "README.md"],
             "artifact": {f.name: file_bytes(staging / f.name) for f in files},
             "baseline_artifact": {f.name: file_bytes(baseline_dir / f.name) for f in files},
             "parity": parity,

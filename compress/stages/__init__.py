@@ -40,7 +40,7 @@ _STAGES = (
     StageType("recover", "torch", Recover, apply_recover, "recovery training after structural pruning: task loss "
               "(CoSENT on --train pairs) + output and intermediate-layer distillation", needs=recover_needs),
     StageType("prune.delta", "torch", DeltaPrune, apply_delta_prune, "delta-parameter pruning against --base (DARE, "
-              "DAREx-q, magnitude, importance); writes delta.safetensors", needs=frozenset({"base"})),
+              "DAREx-q, magnitude, importance); writes delta.safetensors", needs=frozenset({"base"}), kinds=LM),
     StageType("lowrank.eora", "torch", LowRank, apply_eora,
               "EoRA: low-rank compensation of the compression error in the activation eigenspace",
               needs=frozenset({"original", "earlier_compression"}), kinds=LM),

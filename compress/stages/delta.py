@@ -13,6 +13,11 @@ So p is the fraction of the changed entries dropped, for every method alike (DAR
 entries of Δ are never stored. Tensors outside ``layers`` keep their whole delta. The model becomes
 θ_base + kept Δ, and only the kept entries (flat indices + values) go to ``delta.safetensors``
 (compress.stages.delta_io): base + that file rebuilds this model bit for bit (``compress apply-delta``).
+
+Encoders and causal LMs (model kind ``causal-lm``: Llama / SmolLM2, GPT-2, ...), the base loaded as the same kind of
+model. A causal LM's q search matches its last hidden state at every calibration token (``unlabelled``), or picks
+the lowest perplexity on ``eval_file`` (``grid``). Tied weights (an LM head tied to the embedding table) are one
+tensor here, under the embedding's name: its delta is pruned and added once.
 """
 
 from __future__ import annotations
@@ -24,18 +29,35 @@ from pathlib import Path
 
 from compress.core.errors import CompressError
 from compress.core.evaluate import EMBEDDING_TASKS, accuracy, stsb_spearman
-from compress.core.models import load_model, matches, module_of, torch_outputs
+from compress.core.lm_eval import CHUNKS, perplexity, sentences_of, token_chunks
+from compress.core.models import (
+    causal_logits,
+    forward_only,
+    lm_hidden_states,
+    load_model,
+    matches,
+    module_of,
+    torch_outputs,
+)
 from compress.stages.base import StageError, TorchContext
 from compress.stages.delta_io import Kept, apply_kept, delta_tensors, fingerprint, first_mismatch, save_delta
+from compress.stages.distil import training
 
 METHODS = ("dare", "darex-q", "magnitude", "importance")
 Q_SEARCHES = ("unlabelled", "grid")
 DELTA_DTYPES = ("fp32", "fp16")
 DELTA_FILE = "delta.safetensors"
+LM_TASK = "text-generation"  # the task of a causal LM (model kind causal-lm)
 LOSSES = {
     "unlabelled": "mean |h(pruned) - h(fine-tuned)| on calibration text",
     "grid": "-(STS-B Spearman x100 or accuracy %) on eval_file",
 }
+LM_LOSSES = {
+    "unlabelled": "mean |h(pruned) - h(fine-tuned)| of the last hidden state (the LM head's input) at every "
+    "calibration token",
+    "grid": f"token perplexity on eval_file (min(samples, {CHUNKS}) chunks)",
+}
+LM_LAYERS_HINT = "e.g. '*layers*' (Llama / SmolLM2 decoder blocks) or '*h.*' (GPT-2)"
 SMALL_DELTA = 0.005  # DARE's working assumption (supervised fine-tuning): mean |Δ| below about this
 
 
@@ -45,12 +67,17 @@ class DeltaPrune:
     p: float = 0.9  # drop rate, in [0, 1)
     q: float = 0.0  # darex-q: survivors × 1/q, q in [1 - p, 1] (1 - p is DARE); 0: search it
     q_search: str = "unlabelled"  # unlabelled: match the fine-tuned outputs | grid: best score on eval_file
-    eval_file: str = ""  # q_search = "grid": STS-B file (embeddings) or text<TAB>label TSV (classifiers)
+    # q_search = "grid": STS-B file (embeddings), text<TAB>label TSV (classifiers), any text file (causal LMs: the
+    # lowest perplexity wins)
+    eval_file: str = ""
     base: str = ""  # the base model; "" -> --base of compress run
     seed: int = 0
-    layers: tuple[str, ...] = ("*",)  # fnmatch patterns over module names; the other tensors keep their whole delta
+    # fnmatch patterns over module names; the other tensors keep their whole delta. "*": every floating-point tensor,
+    # a causal LM's decoder Linears, norms and embedding table (with the LM head tied to it: one tensor) included
+    layers: tuple[str, ...] = ("*",)
     delta_dtype: str = "fp32"  # values in delta.safetensors: fp32 | fp16
-    samples: int = 50  # calibration sentences for the q search and the importance norms
+    # calibration texts for the q search and the importance norms (a causal LM's: contexts of up to 256 tokens)
+    samples: int = 50
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -68,9 +95,9 @@ class DeltaPrune:
             raise StageError(f"prune.delta: q_search='{self.q_search}' is not one of {', '.join(Q_SEARCHES)}")
         if self.method == "darex-q" and self.q == 0.0 and self.q_search == "grid" and not self.eval_file:
             raise StageError(
-                "prune.delta: q_search='grid' scores q on a labelled file: set eval_file to an STS-B "
-                "file (embedding models) or a text<TAB>label TSV (classifiers), "
-                "or use q_search='unlabelled'"
+                "prune.delta: q_search='grid' scores q on eval_file: set eval_file to an STS-B "
+                "file (embedding models), a text<TAB>label TSV (classifiers) or a text file (causal LMs: "
+                "perplexity), or use q_search='unlabelled'"
             )
         if self.eval_file and not Path(self.eval_file).is_file():
             raise StageError(f"prune.delta: eval_file {self.eval_file} not found: pass an existing file")
@@ -138,8 +165,8 @@ def plan(cfg: DeltaPrune, deltas: dict, selected: set[str], norms: dict) -> Delt
             keep = flat.nonzero().squeeze(1)
         elif cfg.method in ("dare", "darex-q"):
             keep = dare_keep(d.shape, cfg.p, tensor_seed(cfg.seed, name))
-        elif name in norms:  # importance on a Linear weight (out, in)
-            keep = top_keep(d.abs() * norms[name][None, :], int(flat.count_nonzero()), cfg.p)
+        elif name in norms:  # importance on a Linear / Conv1D weight: norms broadcast over its input axis
+            keep = top_keep(d.abs() * norms[name], int(flat.count_nonzero()), cfg.p)
         else:  # magnitude, or importance without activations
             keep = top_keep(d.abs(), int(flat.count_nonzero()), cfg.p)
         keep = keep[flat[keep] != 0]
@@ -192,14 +219,17 @@ def pick_q(tries: list[tuple[float, float]], dare_q: float, dare_loss: float) ->
     return dare_q if dare_loss < best else q
 
 
+@training
 def _input_norms(lm, weight_names: set[str], texts: list[str]) -> dict:
-    """||x_j|| over every calibration token at the input of each Linear whose weight is named: name -> (in,)."""
+    """||x_j|| over every calibration token at the input of each Linear (or GPT-2 Conv1D) whose weight is named,
+    shaped to broadcast over the weight: name -> (1, in) for a Linear's (out, in), (in, 1) for a Conv1D's (in, out)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     linears = {
         f"{n}.weight": m
         for n, m in lm.model.named_modules()
-        if isinstance(m, torch.nn.Linear) and f"{n}.weight" in weight_names
+        if isinstance(m, torch.nn.Linear | Conv1D) and f"{n}.weight" in weight_names
     }
     sums: dict = {}
 
@@ -212,29 +242,55 @@ def _input_norms(lm, weight_names: set[str], texts: list[str]) -> dict:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
     try:
-        torch_outputs(lm, texts)
+        forward_only(lm, texts, batch_size=4) if lm.task == LM_TASK else torch_outputs(lm, texts)
     finally:
         for h in handles:
             h.remove()
-    return {n: s.sqrt() for n, s in sums.items()}
+    return {n: s.sqrt()[:, None] if isinstance(linears[n], Conv1D) else s.sqrt()[None, :] for n, s in sums.items()}
+
+
+def _outputs(lm, texts: list[str]):
+    """What the unlabelled q search matches. An encoder: its own output (torch_outputs: the embedding, the pooled
+    state or the logits). A causal LM: its last hidden state (after the final norm, i.e. the LM head's input) at
+    every real calibration token, (tokens, hidden). Chosen over next-token log-probabilities because the fine-tuned
+    reference stays small (hidden, not vocabulary, wide: 576 vs 49152 floats per token for SmolLM2) while every
+    position counts, and the logits are the LM head applied to it. An LM head tied to the embeddings (SmolLM2, GPT-2)
+    is pruned as the embedding table, whose delta this loss sees; an untied LM head's own delta it does not see."""
+    return lm_hidden_states(lm, texts) if lm.task == LM_TASK else torch_outputs(lm, texts)
 
 
 def _q_loss(
     cfg: DeltaPrune, lm, texts: list[str], reference, set_q: Callable[[float], None]
 ) -> Callable[[float], float]:
-    """What the q search minimises: mean |h(pruned) − h(fine-tuned)| (unlabelled) or −score on eval_file (grid)."""
+    """What the q search minimises: mean |h(pruned) − h(fine-tuned)| (unlabelled; h: ``_outputs``), or on eval_file
+    (grid) −score for an encoder and the token perplexity for a causal LM (lm_eval's chunks of its context length)."""
     import numpy as np
 
     encode = lambda t: torch_outputs(lm, t)
     score = stsb_spearman if lm.task in EMBEDDING_TASKS else accuracy
+    chunks = None
+    if cfg.q_search == "grid" and lm.task == LM_TASK:
+        chunks = token_chunks(lm.tokenizer, sentences_of(Path(cfg.eval_file)), min(cfg.samples, CHUNKS), lm.max_length)
 
     def loss(q: float) -> float:
         set_q(q)
         if cfg.q_search == "unlabelled":
-            return float(np.abs(encode(texts) - reference).mean())
+            return float(np.abs(_outputs(lm, texts) - reference).mean())
+        if chunks is not None:
+            return perplexity(causal_logits(lm), chunks)["ppl"]
         return -score(encode, Path(cfg.eval_file))
 
     return loss
+
+
+@training  # a loop of forward passes: one torch thread on a loaded host (spin-waiting threads cost 4-10x)
+def _search(cfg: DeltaPrune, lm, texts: list[str], set_q: Callable[[float], None]):
+    """DAREx-q's q on the fixed mask: (q, tries, loss of plain DARE's q = 1 - p on the same mask)."""
+    reference = _outputs(lm, texts) if cfg.q_search == "unlabelled" else None  # the fine-tuned model's
+    loss = _q_loss(cfg, lm, texts, reference, set_q)
+    q, tries = search_q(loss, lo=1.0 - cfg.p)
+    dare_loss = loss(1.0 - cfg.p)  # plain DARE on the same mask, for comparison
+    return pick_q(tries, 1.0 - cfg.p, dare_loss), tries, dare_loss
 
 
 # ---- the stage -----------------------------------------------------------------------------------------------
@@ -257,16 +313,16 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
         raise StageError(f"base and fine-tuned models differ: {mismatch}; pass the base this model was fine-tuned from")
     selected = {n for n in ft if matches(module_of(n), cfg.layers)}
     if not selected:
+        hint = LM_LAYERS_HINT if lm.task == LM_TASK else "e.g. '*encoder*'"
         raise StageError(
             f"prune.delta: no floating-point parameter matches layers={list(cfg.layers)}: "
-            "use fnmatch patterns over module names, e.g. '*encoder*'"
+            f"use fnmatch patterns over module names, {hint}"
         )
 
     texts = list(ctx.calibration[: cfg.samples])
     deltas = {n: ft[n].detach().float() - base[n].detach().float() for n in ft}
     norms = _input_norms(lm, selected, texts) if cfg.method == "importance" else {}
     search = cfg.method == "darex-q" and cfg.q == 0.0
-    reference = torch_outputs(lm, texts) if search and cfg.q_search == "unlabelled" else None
     kept_plan = plan(cfg, deltas, selected, norms)
     dtype = torch.float16 if cfg.delta_dtype == "fp16" else torch.float32
 
@@ -275,11 +331,7 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
     tries: list[tuple[float, float]] = []
     dare_loss = None
     if search:
-        set_q = lambda value: apply_kept(ft, base, kept_plan.kept(value, dtype))
-        loss = _q_loss(cfg, lm, texts, reference, set_q)
-        q, tries = search_q(loss, lo=1.0 - cfg.p)
-        dare_loss = loss(1.0 - cfg.p)  # plain DARE on the same mask, for comparison
-        q = pick_q(tries, 1.0 - cfg.p, dare_loss)
+        q, tries, dare_loss = _search(cfg, lm, texts, lambda value: apply_kept(ft, base, kept_plan.kept(value, dtype)))
     kept = kept_plan.kept(q, dtype)
     apply_kept(ft, base, kept)
 
@@ -301,8 +353,9 @@ def apply_delta_prune(cfg: DeltaPrune, lm, ctx: TorchContext):
     if ctx.artifact_dir is not None:
         stored = save_delta(Path(ctx.artifact_dir) / DELTA_FILE, kept, metadata)
         delta_file = DELTA_FILE
+    losses = LM_LOSSES if lm.task == LM_TASK else LOSSES
     return lm, _metrics(
-        cfg, deltas, selected, kept, q if rescale else None, tries, dare_loss, stored, delta_file, base_name
+        cfg, deltas, selected, kept, q if rescale else None, tries, dare_loss, stored, delta_file, base_name, losses
     )
 
 
@@ -317,6 +370,7 @@ def _metrics(
     stored: int,
     delta_file,
     base_name: str,
+    losses: dict[str, str],
 ) -> dict:
     n_all = sum(d.numel() for d in deltas.values())
     n_sel = sum(deltas[n].numel() for n in selected)
@@ -341,7 +395,7 @@ def _metrics(
         "q_search": (
             {
                 "mode": cfg.q_search,
-                "loss": LOSSES[cfg.q_search],
+                "loss": losses[cfg.q_search],
                 "tries": len(tries),
                 "best_loss": float(f"{min(b for _, b in tries):.5g}"),
                 "dare_loss": float(f"{dare_loss:.5g}"),
