@@ -53,6 +53,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--work", type=Path, help="keep the artefacts here (default: a temporary folder)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the search output and recipe runs already in --work (after an interrupted benchmark)",
+    )
+    ap.add_argument("--earlier-seconds", type=float, default=0.0,
+                    help="wall seconds an earlier, interrupted run of the same study in --work already spent (the "
+                    "search resumes it; both are reported)")  # fmt: skip
     args = ap.parse_args()
     _quiet_libraries()
     if not (STSB / "sts-dev.csv").is_file():
@@ -79,7 +87,14 @@ def main() -> None:
                    "--train", f"stsb:{train}", "--budget", args.budget, "--steps", str(args.steps),
                    "--out", str(search_out), "--force", "--storage", f"journal:{work / 'study.journal'}"]  # fmt: skip
     print("running: compress " + " ".join(search_args), flush=True)
-    out["search_seconds"] = round(cli(search_args, work / "search.log"), 1)
+    log = work / ("search.log" if not args.earlier_seconds else "search-resumed.log")
+    if args.reuse and (search_out / "report.json").is_file():
+        seconds = json.loads((work / "search-seconds.json").read_text())["seconds"]
+    else:
+        seconds = round(cli(search_args, log), 1)
+        (work / "search-seconds.json").write_text(json.dumps({"seconds": seconds}))
+    out["search_seconds"] = seconds
+    out["earlier_search_seconds"] = args.earlier_seconds
     report = json.loads((search_out / "report.json").read_text())
     out["search"] = {k: report[k] for k in ("winner", "anchors", "frontier", "roofline_rank", "study", "seconds")}
     out["search"]["trials"] = report["trials"]
@@ -90,15 +105,16 @@ def main() -> None:
     models: dict[str, Path] = {}
     for name in SHIPPED:
         folder = work / name
-        print(f"building {name}", flush=True)
-        cli(["run", "minilm", "--recipe", name, "--out", str(folder), "--force", "--runs", "3", "--shapes", "1x128"],
-            work / f"{name}.log")  # fmt: skip
-        models[name] = folder / "model.onnx"
+        if not (args.reuse and (folder / "report.json").is_file()):
+            print(f"building {name}", flush=True)
+            cli(["run", "minilm", "--recipe", name, "--out", str(folder), "--force", "--runs", "3", "--shapes",
+                 "1x128"], work / f"{name}.log")  # fmt: skip
+        models[name] = folder / "onnx" / "model.onnx"  # the consumer layout (README, "What lands ...")
     anchors = report.get("anchors", {})
     keep = search_out.parent / f".{search_out.name}.search" / "anchor-fp32"
     models = {"fp32": keep / "model.onnx", "ORT dynamic int8": next(keep.glob("stage*-quant.dynamic.onnx")), **models}
     if report["winner"]:
-        models["search winner"] = search_out / "winner" / "model.onnx"
+        models["search winner"] = search_out / "winner" / "onnx" / "model.onnx"
 
     # 3. held-out scores and one interleaved timing loop
     lm = load_model("minilm")
@@ -142,7 +158,10 @@ def table(out: dict) -> str:
     s = out["search"]
     w = s["winner"]
     lines = ["# compress search on MiniLM (STS-B), winner next to the anchors", "",
-             f"Command: `{out['command']}`; search wall time {out['search_seconds'] / 60:.1f} min; host "
+             f"Command: `{out['command']}`; search wall time {out['search_seconds'] / 60:.1f} min"
+             + (f" (resuming a run of the same study that had spent {out['earlier_search_seconds'] / 60:.1f} min: "
+                f"{(out['search_seconds'] + out['earlier_search_seconds']) / 60:.1f} min in all)"
+                if out.get("earlier_search_seconds") else "") + "; host "
              f"{out['host']['cpu_model']} ({out['host']['physical_cores']} cores); load average at start "
              f"{out['load_start'][0]:.1f}, while timing {out['load_timing_start'][0]:.1f} -> "
              f"{out['load_timing_end'][0]:.1f}.", ""]  # fmt: skip

@@ -368,23 +368,39 @@ def arch_key(params: dict) -> str:
     return "-".join(f"{k}{params[k]}" for k in sorted(params))
 
 
+STRUCTURE = ("blocks", "ffn_keep", "heads_keep")  # what a trial keeps of the model; more kept = no larger drop
+
+
+def structure(params: dict) -> tuple:
+    return tuple(params[k] for k in STRUCTURE if k in params)
+
+
+def keeps_as_much(a: tuple, b: tuple) -> bool:
+    """Structure ``a`` keeps at least what ``b`` keeps in every dimension."""
+    return all(x >= y for x, y in zip(a, b))
+
+
 def next_params(probes: list[dict], done: list, max_drop: float, consistent_only: bool) -> dict | None:
-    """The next architecture to train while a bisection over the probed architectures (fastest first) is open:
-    a trained candidate inside the budget says "try faster", one outside says "try slower". None once it closes
-    (then the sampler proposes)."""
-    order = [p for p in probes if p["params"]["precision"] in BATCH_CONSISTENT or not consistent_only]
-    result = {arch_key(t.params): feasible(t, max_drop, consistent_only) for t in done if "drop" in t.user_attrs}
-    lo, hi = -1, len(order)
-    for i, p in enumerate(order):
-        if result.get(arch_key(p["params"])) is True:
-            hi = min(hi, i)
-    for i, p in enumerate(order[:hi]):
-        if result.get(arch_key(p["params"])) is False:
-            lo = max(lo, i)
-    if hi - lo <= 1:
-        return None
-    mid = (lo + hi) // 2
-    return None if arch_key(order[mid]["params"]) in result else order[mid]["params"]
+    """The next architecture to train, by bisection over the probed architectures (fastest first) that can still win.
+
+    Two facts shrink the list after every trained trial: accuracy is monotone in structure (an architecture that
+    keeps no more blocks, FFN neurons and heads than one already outside the budget is outside it too: not trained),
+    and the precision barely moves accuracy (every structure is tried at its fastest allowed precision). A trained
+    candidate inside the budget removes everything slower than it. The candidate in the middle of what is left (by
+    p50) is trained next; None when nothing is left (then the sampler proposes)."""
+    allowed = sorted((p for p in probes if p["params"]["precision"] in BATCH_CONSISTENT or not consistent_only),
+                     key=lambda r: r["p50_ms"])  # fmt: skip
+    trained = {arch_key(t.params): t for t in done if "drop" in t.user_attrs}
+    outside = [structure(t.params) for t in trained.values() if t.user_attrs["drop"] > max_drop]
+    best = min((t.user_attrs["p50_ms"] for t in trained.values() if feasible(t, max_drop, consistent_only)),
+               default=float("inf"))  # fmt: skip
+    fastest: dict[tuple, dict] = {}
+    for p in allowed:
+        fastest.setdefault(structure(p["params"]), p)
+    left = [p for s, p in fastest.items()
+            if p["p50_ms"] < best and arch_key(p["params"]) not in trained
+            and not any(keeps_as_much(o, s) for o in outside)]  # fmt: skip
+    return left[len(left) // 2]["params"] if left else None
 
 
 def feasible(t, max_drop: float, consistent_only: bool) -> bool:
