@@ -152,16 +152,6 @@ class LlamaCppRunner:
         return t1 - t0, time.perf_counter() - t1
 
 
-def genai_config(folder: Path, config: dict) -> None:
-    """The minimal genai_config.json under which an optimum decoder folder runs in onnxruntime-genai (this benchmark's
-    own anchors only; the tool does not write one)."""
-    eos = config.get("eos_token_id", 2)
-    (folder / "genai_config.json").write_text(json.dumps({"model": {
-        "type": "decoder", "vocab_size": config["vocab_size"], "context_length": config["max_position_embeddings"],
-        "eos_token_id": eos, "pad_token_id": config.get("pad_token_id", eos), "decoder": {"filename": "model.onnx"},
-    }}))  # fmt: skip
-
-
 # ---- building the variants ---------------------------------------------------------------------------------
 
 
@@ -289,6 +279,7 @@ def main() -> None:
         token_chunks,
     )
     from compress.core.smollm2 import gguf_file, smollm2_path
+    from export.genai import write_genai_config
     from runtimes.host import host_info
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -356,8 +347,8 @@ def main() -> None:
             timed["onnxruntime-genai builder int4 (og.Generator)"] = GenaiRunner(og_dir, a.threads, a.work)
         eora = a.work / "lm-int4-eora"
         if (eora / "model.onnx").is_file():
-            if not (eora / "genai_config.json").is_file():  # compress run writes one (export/genai.py)
-                genai_config(eora, config)
+            if not (eora / "genai_config.json").is_file():  # compress run writes one; older runs may lack it
+                write_genai_config(eora)
             timed["compress lm-int4-eora (og.Generator)"] = GenaiRunner(eora, a.threads, a.work)
     except ImportError:
         log("onnxruntime-genai not installed: og.Generator timings skipped")
