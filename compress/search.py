@@ -186,6 +186,7 @@ class Search:
         self.cfg, self.profile, self.work, self.progress, self.on_latency = cfg, profile, work, progress, on_latency
         self.t0 = time.perf_counter()
         self.memo: dict = {}
+        self.last_float: tuple | None = None  # (torch stages, float export, model, reports) of the last probe build
         self.lm = load_model(cfg.model)
         self.spec = parse_eval(cfg.eval, self.lm.task)
         if self.spec.kind != "stsb":
@@ -232,15 +233,28 @@ class Search:
 
     # -- one trial -------------------------------------------------------------------------------------------
     def build(self, stages: list[dict], folder: Path, train: bool) -> tuple[Path, LoadedModel, list[dict]]:
-        """Run a trial's recipe on a copy of the original: torch stages, gated export, ONNX stages."""
+        """Run a trial's recipe on a copy of the original: torch stages, gated export, ONNX stages. Untrained builds
+        (probes) reuse the float export of the previous one when its torch stages were the same (the grid varies the
+        precision innermost, so each structure is exported once)."""
         recipe = parse_recipe({"stages": stages}, folder.name, folder.name)
         torch_stages = [s for s in recipe.stages if s.type.level == "torch"]
         onnx_stages = [s for s in recipe.stages if s.type.level == "onnx"]
-        lm, reports = apply_torch_stages(torch_stages, copy.deepcopy(self.lm), self.calibration,
-                                         self.progress if train else silent, labelled=self.labelled,
-                                         memo=self.memo)  # fmt: skip
-        float_path, _ = gated_export(lm, folder / "float", self.heldout_text,
-                                     what="the float export of the candidate")  # fmt: skip
+        key = json.dumps([s for s in stages if s["type"] not in {t.name for t in onnx_stages}], sort_keys=True)
+        last = self.last_float
+        if train or last is None or last[0] != key or not last[1].is_file():
+            lm, reports = apply_torch_stages(torch_stages, copy.deepcopy(self.lm), self.calibration,
+                                             self.progress if train else silent, labelled=self.labelled,
+                                             memo=self.memo)  # fmt: skip
+            float_path, _ = gated_export(lm, folder / "float", self.heldout_text,
+                                         what="the float export of the candidate")  # fmt: skip
+            if not train:
+                shutil.rmtree(self.work / "probes" / "last-float", ignore_errors=True)
+                shutil.copytree(float_path.parent, self.work / "probes" / "last-float")
+                self.last_float = (key, self.work / "probes" / "last-float" / float_path.name, lm, reports)
+        else:
+            _, cached, lm, reports = last
+            shutil.copytree(cached.parent, folder / "float", dirs_exist_ok=True)
+            float_path = folder / "float" / cached.name
         ctx = onnx_context(onnx_stages, lm, self.calibration[:64])
         path, more = apply_onnx_stages(onnx_stages, float_path, folder / "float", ctx)
         return path, lm, reports + more
