@@ -182,3 +182,48 @@ def test_tokenizer_json_fix_restores_plain_byte_level(tmp_path):
     fix_tokenizer_json(path)
     t = json.loads(path.read_text())
     assert t["model"]["byte_fallback"] is False and t["decoder"]["type"] == "ByteLevel"
+
+
+def _snap_to_q4_1(src, dst):
+    """The tiny LM with every decoder Linear put on llama.cpp's Q4_1 grid (w = d·q + m per block of 32): what a
+    GGUF Q4_1 source such as smollm2 looks like once dequantized."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    for name, w in weights.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            b = w.reshape(w.shape[0], -1, 32).double()
+            lo, hi = b.min(-1, keepdim=True).values, b.max(-1, keepdim=True).values
+            d = (hi - lo) / 15
+            weights[name] = (torch.round((b - lo) / d) * d + lo).reshape(w.shape).float().contiguous()
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_int4_eora_restores_a_q4_1_source_exactly(tiny_lm, tmp_path):
+    """Asymmetric int4 keeps a Q4_1 source's codes and scales; EoRA restores the per-block offsets exactly (rank
+    in/32, no calibration), so the int4 model reproduces the float one: far closer than plain int4."""
+    from compress.stages.lowrank import block_offsets, offset_factors
+
+    q41 = _snap_to_q4_1(tiny_lm, tmp_path / "q41")
+    report, _ = _run(q41, tmp_path / "exact", "lm-int4-eora")
+    stages = {s["name"]: s["metrics"] for s in report["stages"]}
+    assert stages["quant.int4"]["source_grid_layers"] == 14
+    eora = stages["lowrank.eora"]
+    assert eora["exact_offset_layers"] == 14 and eora["layers"] == 14
+    assert all(r["error_after"] < 1e-6 < r["error_before"] for r in eora["per_layer"])
+    plain, _ = _run(q41, tmp_path / "plain", "lm-int4")
+    kl_exact, kl_plain = _eval(report, "fidelity")["kl"], _eval(plain, "fidelity")["kl"]
+    rise_exact, rise_plain = _eval(report, "ppl")["rise_percent"], _eval(plain, "ppl")["rise_percent"]
+    assert kl_exact < kl_plain and abs(rise_exact) < abs(rise_plain), (kl_exact, kl_plain, rise_exact, rise_plain)
+    # the factorisation itself: a per-block constant is found and rebuilt exactly, anything else is refused
+    rng = np.random.default_rng(0)
+    offsets = rng.standard_normal((6, 4))
+    dw = np.repeat(offsets, 32, axis=1)
+    a, b = offset_factors(block_offsets(dw, 32), 32)
+    assert a.shape == (4, 128) and np.allclose(b @ a, dw, atol=1e-12)
+    assert block_offsets(dw + rng.standard_normal(dw.shape) * 1e-3, 32) is None

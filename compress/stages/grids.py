@@ -50,6 +50,36 @@ def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits:
     return w.reshape(n, kb * block_size)[:, :k].T.copy()
 
 
+def on_level_grid(w: np.ndarray, block: int, levels: int = 16) -> bool:
+    """Whether every block of ``block`` consecutive weights along the last axis sits exactly on an affine grid of
+    ``levels`` values (w = d·q + m, q in 0..levels-1, d = (max - min) / (levels - 1)): a source that was already
+    quantized that way, e.g. a GGUF Q4_1 tensor dequantized to float."""
+    if w.shape[-1] % block:
+        return False
+    b = w.reshape(-1, block).astype(np.float64)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = np.where(hi > lo, (hi - lo) / (levels - 1), 1.0)
+    q = np.rint((b - lo) / d)
+    return bool(np.abs(q * d + lo - b).max() <= 1e-5 * max(float(np.abs(b).max()), 1e-30))
+
+
+def source_grid_weight(w, block: int):
+    """A Linear's (out, in) weight that sits on a 16-level grid per block (``on_level_grid``) put on MatMulNBits'
+    asymmetric grid keeping the source's codes q and scales d exactly: w' = d·(q − z), z = round(−m/d) clamped to
+    0..15, the same for every weight of a block. Only the block's float offset m + d·z is lost (an integer zero point
+    cannot hold it), a constant per block that ``lowrank.eora`` restores exactly. ORT's own round-to-nearest gets the
+    same grid except where the offset is a half step (ties: 0.1-0.4% of SmolLM2's blocks are then split both ways,
+    which makes the error no longer a constant per block). Re-quantizing w' with ORT is lossless."""
+    import torch
+
+    b = w.detach().double().numpy().reshape(w.shape[0], -1, block)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    q = np.rint((b - lo) / d)
+    z = np.clip(np.floor(-lo / d + 0.5), 0, 15)
+    return torch.from_numpy((d * (q - z)).reshape(w.shape)).to(w.dtype)
+
+
 def int4_table(w, block_size: int):
     """GatherBlockQuantized's grid on an embedding table (V, H) tensor: ORT's own quantize_ndarray, blocks along H."""
     import torch

@@ -11,6 +11,11 @@ MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int4 (GatherBl
 hidden dimension, asymmetric: ORT's ``DefaultWeightOnlyQuantizer`` grid). A tied head and embedding are untied
 first when they get different grids. On SmolLM2-135M the head holds much of int4's loss (perplexity 84.8 with an
 int4 head, 77.3 with an 8-bit head, 77.1 float), the int4 embedding costs ~1 point and saves ~96 MB.
+
+A source already on a 16-level grid per block (a GGUF Q4_1 model, as ``smollm2``) is reported (``source_grid_layers``):
+with ``symmetric = false`` and its block size, its codes and scales are kept exactly (``grids.source_grid_weight``)
+and only the per-block float offset is lost (the integer zero point cannot hold it); ``lowrank.eora`` then restores
+it exactly (``compress.stages.lowrank``, exact block offsets).
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ import numpy as np
 
 from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
-from compress.stages.grids import check_block_size, int4_table, int4_weight, ort_int4_roundtrip
+from compress.stages.grids import (
+    check_block_size,
+    int4_table,
+    int4_weight,
+    on_level_grid,
+    ort_int4_roundtrip,
+    source_grid_weight,
+)
 
 __all__ = ["Int4Format", "Int4Quant", "apply_int4", "ort_int4_roundtrip", "untie"]
 
@@ -104,22 +116,29 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     targets = {name: (mod, fmt, lambda w: int4_weight(w, cfg.block_size, cfg.symmetric)) for name, mod in
                layers.items() if name not in extra and mod.in_features % 2 == 0}  # fmt: skip
     targets.update(extra)
-    per_layer, formats = [], {}
+    per_layer, formats, on_grid = [], {}, 0
     with torch.no_grad():
         for name, (mod, f, grid) in targets.items():
             w = mod.weight.detach().float()
-            wq = grid(w)
+            source = name not in extra and on_level_grid(w.numpy(), cfg.block_size)
+            on_grid += source
+            wq = source_grid_weight(w, cfg.block_size) if source and not cfg.symmetric else grid(w)
             err = float((w - wq).norm() / w.norm())
             mod.weight.copy_(wq.to(mod.weight.dtype))
             formats[name] = f
             per_layer.append({"layer": name, "bits": f.bits, "relative_error": round(err, 5)})
     lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **formats})
     errs = [r["relative_error"] for r in per_layer]
-    return lm, {
+    metrics = {
         "layers": len(per_layer),
         "patterns": list(patterns),
         "lm_head": cfg.lm_head,
         "embeddings": cfg.embeddings,
         "mean_relative_error": round(float(np.mean(errs)), 5),
+        "source_grid_layers": on_grid,
         "per_layer": per_layer,
     }
+    if on_grid and cfg.symmetric:
+        metrics["note"] = (f"{on_grid} layer(s) sit on a 16-level grid per block of {cfg.block_size} (e.g. GGUF "
+                           "Q4_1): symmetric = false keeps their codes and scales")  # fmt: skip
+    return lm, metrics

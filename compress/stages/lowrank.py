@@ -7,6 +7,14 @@ For every compressed Linear (weight differs from the original), ΔW = W_original
 so BA minimises ‖(ΔW − BA) X‖_F. ``lowrank.svd`` is the baseline: SVD of ΔW itself (no activations).
 The layer becomes ``W_c x + B(A x)``. Layers are processed in module order; each layer's activations
 come from the model whose earlier layers are already compressed and compensated.
+
+Exact block offsets (``exact_offsets``, on by default): when ΔW of an int4 layer is a constant per quantization
+block (out × in/block values), no calibration is needed and no rank is lost: A is the block indicator
+(in/block × in, ones over each block) and B the offsets, so BA = ΔW exactly (rank in/block, whatever ``rank`` says).
+That is what a source already on a 16-level grid per block leaves, e.g. a GGUF Q4_1 model (w = d·q + m per block of
+32, llama.cpp's grid) put on MatMulNBits' asymmetric grid: the codes q and scales d are kept, and only the float
+offset m, which MatMulNBits' integer zero point cannot hold (w = d·(q − z)), is left: ΔW = m + d·z per block. The
+compensation then restores the source weights exactly (SmolLM2-135M: README, Language models).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class LowRank:
     layers: tuple[str, ...] = ()  # fnmatch over nn.Linear names; empty: every Linear / a decoder's *layers.*
     calibration_samples: int = 64
     eig_floor: float = 1e-6  # eigenvalues below floor * largest are clamped to it
+    exact_offsets: bool = True  # an int4 residual that is constant per block: exact factors, no calibration
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -91,6 +100,24 @@ def factors(dw: np.ndarray, cov: np.ndarray | None, cfg: LowRank) -> tuple[np.nd
     b = u[:, :r] * root  # (out, r)
     a = (root[:, None] * vt[:r]) @ q_inv  # (r, in)
     return a, b, {"rank": r, "clamped_eigenvalues": clamped}
+
+
+def block_offsets(dw: np.ndarray, block: int, tol: float = 1e-4) -> np.ndarray | None:
+    """ΔW (out × in) -> its per-block offsets (out × in/block) when it is constant over every block of ``block``
+    input weights (deviation <= tol x its largest value), else None."""
+    out, d_in = dw.shape
+    if d_in % block or not np.abs(dw).max() > 0:
+        return None
+    blocks = dw.reshape(out, d_in // block, block)
+    mean = blocks.mean(-1)
+    return mean if np.abs(blocks - mean[..., None]).max() <= tol * np.abs(dw).max() else None
+
+
+def offset_factors(offsets: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (in/block × in: ones over each block) and B (= the offsets, out × in/block) with BA = the block offsets."""
+    n_blocks = offsets.shape[1]
+    a = np.repeat(np.eye(n_blocks), block, axis=1)
+    return a, offsets
 
 
 def _forward_with_hooks(lm, names: list[str], texts: list[str], fn) -> None:
@@ -246,11 +273,23 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
         )
     texts = list(ctx.calibration[: cfg.calibration_samples])
     per_layer = []
-    found = decoder_blocks(lm)
+    exact = []
+    if cfg.exact_offsets:
+        for name in targets:
+            fmt = lm.int4_layers.get(name)
+            if fmt is None:
+                continue
+            dw = originals[name] - current[name].weight.detach().double().numpy()
+            offsets = block_offsets(dw, fmt.block_size)
+            if offsets is not None:
+                per_layer.append(_offset_layer(lm, name, originals[name], dw, offsets, fmt.block_size))
+                exact.append(name)
+    calibrated = [n for n in targets if n not in exact]
+    found = decoder_blocks(lm) if calibrated else None
     stream = BlockStream(lm, texts, *found) if found is not None else None
     # Module order, earlier layers first; each group's activations come from the already compensated model.
     # SVD does not use the covariance for its factors, only to report the error in the same norm as EoRA.
-    for group in _input_groups(lm, targets, texts):
+    for group in _input_groups(lm, calibrated, texts) if calibrated else []:
         if stream is not None and stream.block_of(group[0]) is not None and stream.block_of(group[0]) >= stream.index:
             covs = stream.covariances(lm, group)
         else:
@@ -260,21 +299,44 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
     for name in targets:  # int4 packing follows the weight into its new module
         if name in lm.int4_layers and any(r.get("layer") == name and "rank" in r for r in per_layer):
             lm.int4_layers[f"{name}.base"] = lm.int4_layers.pop(name)
-    done = [r for r in per_layer if "rank" in r]
+    done = [r for r in per_layer if "rank" in r and "exact" not in r]
     mean = lambda key: round(float(np.mean([r[key] for r in done])), 5) if done else None
     return lm, {
-        "layers": len(done),
-        "skipped": len(per_layer) - len(done),
+        "layers": len(done) + len(exact),
+        "exact_offset_layers": len(exact),
+        "skipped": len(per_layer) - len(done) - len(exact),
         "mean_error_before": mean("error_before"),
         "mean_error_after": mean("error_after"),
-        "added_params": sum(r["added_params"] for r in done),
+        "added_params": sum(r.get("added_params", 0) for r in per_layer),
         "error_norm": "activation-weighted relative: ||dW X|| / ||W X||",
         "per_layer": per_layer,
     }
 
 
-def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg: LowRank, whiten: bool) -> dict:
+def _replace(lm, name: str, a: np.ndarray, b: np.ndarray) -> None:
     import torch
+
+    mod = lm.model.get_submodule(name)
+    parent, _, child = name.rpartition(".")
+    new = _lowrank_module()(mod, torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    setattr(lm.model.get_submodule(parent) if parent else lm.model, child, new)
+
+
+def _offset_layer(lm, name: str, original: np.ndarray, dw: np.ndarray, offsets: np.ndarray, block: int) -> dict:
+    a, b = offset_factors(offsets, block)
+    _replace(lm, name, a, b)
+    scale = max(float(np.linalg.norm(original)), 1e-30)
+    return {
+        "layer": name,
+        "rank": a.shape[0],
+        "exact": "block offsets",
+        "error_before": round(float(np.linalg.norm(dw)) / scale, 5),
+        "error_after": round(float(np.linalg.norm(dw - b @ a)) / scale, 7),
+        "added_params": int(a.size + b.size),
+    }
+
+
+def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg: LowRank, whiten: bool) -> dict:
 
     mod = lm.model.get_submodule(name)
     if not np.isfinite(cov).all() or np.abs(cov).max() == 0:
@@ -283,9 +345,7 @@ def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg:
     a, b, info = factors(dw, cov if whiten else None, cfg)
     scale = max(_weighted_norm(original, cov), 1e-30)
     before, after = _weighted_norm(dw, cov) / scale, _weighted_norm(dw - b @ a, cov) / scale
-    parent, _, child = name.rpartition(".")
-    new = _lowrank_module()(mod, torch.from_numpy(a).float(), torch.from_numpy(b).float())
-    setattr(lm.model.get_submodule(parent) if parent else lm.model, child, new)
+    _replace(lm, name, a, b)
     return {
         "layer": name,
         **info,
