@@ -1,5 +1,7 @@
 """SmolLM2-135M-Instruct (the embedded ``smollm2``) side by side: the fp32 export, onnxruntime-genai's model builder
-int4 CPU model, ORT's own MatMulNBits RTN int4, llama.cpp on the original Q4_1 GGUF, and this tool's LM recipes.
+int4 CPU model, ORT's own MatMulNBits RTN int4, llama.cpp on the original Q4_1 GGUF, this tool's LM recipes, and the
+builder's graph holding lm-int4-eora's exact weights (``lm_graft.py``: what the same numbers decode at in genai's
+fused graph).
 
     python benchmarks/lm.py --ppl-text ../shared/data/stsb/sts-train.csv          # ~1 h on 2 shared cores
 
@@ -32,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 from _results import save
+from lm_graft import graft
 
+GRAFT = "genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)"
 RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
 PROMPT, NEW = 32, 64
 
@@ -294,8 +298,11 @@ def main() -> None:
     fp32 = export_fp32(hf, a.work / "fp32")
     variants["fp32 (optimum export)"] = ("ort", fp32 / "model.onnx")
     og_dir = genai_build(a.genai_python, hf, a.work / "genai-int4", a.work)
+    graft_dir = None
     if og_dir is not None:
         variants["onnxruntime-genai builder int4"] = ("ort", og_dir / "model.onnx")
+        graft_dir = graft(og_dir, hf, a.work / "genai-graft-exact")
+        variants[GRAFT] = ("ort", graft_dir / "model.onnx")
     variants["ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)"] = (
         "ort",
         rtn_int4(fp32, a.work / "rtn-int4") / "model.onnx",
@@ -345,6 +352,7 @@ def main() -> None:
 
         if og_dir is not None:
             timed["onnxruntime-genai builder int4 (og.Generator)"] = GenaiRunner(og_dir, a.threads, a.work)
+            timed[f"{GRAFT} (og.Generator)"] = GenaiRunner(graft_dir, a.threads, a.work)
         eora = a.work / "lm-int4-eora"
         if (eora / "model.onnx").is_file():
             if not (eora / "genai_config.json").is_file():  # compress run writes one; older runs may lack it
@@ -487,19 +495,40 @@ def table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHORT = (("genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)", "genai graph + exact Q4_1 (graft)"),
+         ("onnxruntime-genai builder int4", "genai builder int4"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
+         "ORT RTN int4"), ("llama.cpp Q4_1 GGUF (original)", "llama.cpp Q4_1"), ("fp32 (optimum export)", "fp32"),
+         ("(og.Generator)", "[og]"), ("compress ", ""))  # fmt: skip
+
+
+def short(label: str) -> str:
+    for long, brief in SHORT:
+        label = label.replace(long, brief)
+    return label
+
+
 def plot(out: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    for r in out["rows"]:
-        if "decode_tok_s" not in r:
-            continue
-        ax.scatter(r["decode_tok_s"], r["ppl"], s=max(r["mb"], 5) * 2, alpha=0.6)
-        ax.annotate(r["variant"], (r["decode_tok_s"], r["ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("decode tokens/s (measured, interleaved, this host)")
+    fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
+    rows = sorted((r for r in out["rows"] if "decode_tok_s" in r), key=lambda r: (r["decode_tok_s"], r["ppl"]))
+    fp32 = min(r["ppl"] for r in rows)
+    top = 1.5 * fp32  # a collapsed model (perplexity in the thousands) is drawn at the top edge with its value
+    offsets = ((8, 14), (8, -18), (-70, 16), (-70, -20), (8, 32), (8, -34))
+    for i, r in enumerate(rows):
+        off = r["ppl"] > top
+        y = top if off else r["ppl"]
+        ax.scatter(r["decode_tok_s"], y, s=max(r["mb"], 5) * 2, alpha=0.55, marker="^" if off else "o")
+        text = short(r["variant"]) + (f" (perplexity {r['ppl']:.0f}, off scale)" if off else "")
+        ax.annotate(text, (r["decode_tok_s"], y), fontsize=7, textcoords="offset points", xytext=offsets[i % len(offsets)],
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})  # fmt: skip
+    ax.set_ylim(fp32 * 0.97, top * 1.03)
+    ax.axhline(fp32 * 1.05, color="grey", lw=0.8, ls="--")
+    ax.text(ax.get_xlim()[0], fp32 * 1.05, " fp32 + 5%", fontsize=7, va="bottom", color="grey")
+    ax.set_xlabel("decode tokens/s (measured, interleaved, this host; [og] = onnxruntime-genai's og.Generator)")
     ax.set_ylabel(f"perplexity ({out['ppl_chunks']}; lower is better)")
     ax.set_title("SmolLM2-135M on the CPU: perplexity vs decode speed (marker area = MB)", fontsize=10)
     ax.grid(alpha=0.3)
