@@ -314,15 +314,16 @@ def main() -> None:
     except ImportError:
         log("llama-cpp-python not installed: llama.cpp anchor skipped")
     runs, refused = {}, {}
+    ungated_recipes = set(a.ungated.split(","))
     for recipe in a.recipes.split(","):
         try:
-            out = run_recipe(recipe, a.work, calib, a.ppl_text, a.threads, recipe not in a.ungated.split(","))
+            out = run_recipe(recipe, a.work, calib, a.ppl_text, a.threads, recipe not in ungated_recipes)
         except CompressError as e:  # e.g. the perplexity gate: recorded, the other variants still measured
             log(f"{recipe}: refused: {e}")
             refused[recipe] = str(e)
             continue
         runs[recipe] = json.loads((out / "report.json").read_text())
-        ungated = " (gate off)" if recipe in a.ungated.split(",") else ""
+        ungated = " (gate off)" if recipe in ungated_recipes else ""
         variants[f"compress {recipe}{ungated}"] = ("ort", out / "model.onnx")
 
     chunks = token_chunks(tok, sentences_of(a.ppl_text), 15, 256)

@@ -20,18 +20,6 @@ import numpy as np
 BLOCK = 32
 
 
-def _pack4(q: np.ndarray) -> np.ndarray:  # (N, blocks, 32) codes -> (N, blocks, 16) bytes, low nibble first
-    q = q.astype(np.uint8)
-    return q[..., 0::2] | (q[..., 1::2] << 4)
-
-
-def _pack_zp4(z: np.ndarray) -> np.ndarray:  # (N, blocks) -> (N * ceil(blocks / 2),)
-    if z.shape[1] % 2:
-        z = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], 1)
-    z = z.astype(np.uint8)
-    return (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1)
-
-
 def _q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """llama.cpp's Q8_0 grid (d = max|w| / 127 per block, q in -127..127) as 8-bit MatMulNBits codes (zero point 128)."""
     b = w.reshape(w.shape[0], -1, BLOCK).astype(np.float64)
@@ -58,7 +46,7 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
     from onnx import helper, numpy_helper
     from safetensors.numpy import load_file
 
-    from compress.stages.grids import on_level_grid, source_grid_weight
+    from compress.stages.grids import ort_quantize, source_grid_weight
     from compress.stages.lowrank import block_offsets
 
     if (out / "model.onnx").is_file():
@@ -92,19 +80,15 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
             attrs["bits"].i = 8
             continue
         w = _hf_weight(weights, n.name)
-        if not on_level_grid(w, BLOCK):
+        source = source_grid_weight(torch.from_numpy(w), BLOCK)
+        if source is None:
             raise ValueError(f"{n.name}: not on a 16-level grid per block of {BLOCK}: not a Q4_1 source")
-        wq = source_grid_weight(torch.from_numpy(w), BLOCK).double().numpy()
-        b = wq.reshape(w.shape[0], -1, BLOCK)
-        lo, hi = b.min(-1), b.max(-1)
-        d = (hi - lo) / 15
-        z = np.rint(-lo / np.where(d == 0, 1, d))
-        codes = np.rint(b / np.where(d == 0, 1, d)[..., None] + z[..., None])
-        assert np.abs((codes - z[..., None]) * d[..., None] - b).max() < 1e-6
-        put(n.input[1], _pack4(codes))
-        put(n.input[2], d.astype(np.float32).reshape(-1))
+        wq = source.double().numpy()
+        packed, scales, zp = ort_quantize(wq.T, BLOCK, symmetric=False)  # lossless: wq is on MatMulNBits' grid
+        put(n.input[1], packed)
+        put(n.input[2], scales.reshape(-1))
         del n.input[3:]
-        n.input.append(put(n.input[1].replace("_Q4", "_zp"), _pack_zp4(z)))
+        n.input.append(put(n.input[1].replace("_Q4", "_zp"), zp.reshape(-1)))
         offsets = block_offsets(w.astype(np.float64) - wq, BLOCK)
         if offsets is None:
             raise ValueError(f"{n.name}: the int4 error is not a constant per block")

@@ -27,9 +27,9 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.float32)
 
 
-def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> np.ndarray:
-    """Quantize a (K, N) float weight with ORT's MatMulNBits kernel (``quantize_matmul_4bits`` / ``_8bits``, what
-    ``MatMulNBitsQuantizer`` calls) and dequantize it back to float32."""
+def ort_quantize(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4):
+    """ORT's MatMulNBits packing of a (K, N) float weight (``quantize_matmul_4bits`` / ``_8bits``, what
+    ``MatMulNBitsQuantizer`` calls): (packed B (N, blocks, block/(8/bits)), scales (N, blocks), packed zero points)."""
     from onnxruntime.capi import _pybind_state as ort_c
 
     k, n = w_kn.shape
@@ -40,6 +40,15 @@ def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits:
     zp = np.zeros((n, (kb + pack - 1) // pack), np.uint8)
     w = np.ascontiguousarray(w_kn, dtype=np.float32)
     getattr(ort_c, f"quantize_matmul_{bits}bits")(packed, w, scales, zp, block_size, n, k, symmetric)
+    return packed, scales, zp
+
+
+def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> np.ndarray:
+    """Quantize a (K, N) float weight with ORT's MatMulNBits kernel (``ort_quantize``) and dequantize it back to
+    float32."""
+    k, n = w_kn.shape
+    kb = (k + block_size - 1) // block_size
+    packed, scales, zp = ort_quantize(w_kn, block_size, symmetric, bits)
     if bits == 4:
         q = unpack_nibbles(packed)  # (N, kb, block)
         z = np.full((n, kb), 8.0, np.float32) if symmetric else unpack_nibbles(zp)[:, :kb]
@@ -50,33 +59,27 @@ def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits:
     return w.reshape(n, kb * block_size)[:, :k].T.copy()
 
 
-def on_level_grid(w: np.ndarray, block: int, levels: int = 16) -> bool:
-    """Whether every block of ``block`` consecutive weights along the last axis sits exactly on an affine grid of
-    ``levels`` values (w = d·q + m, q in 0..levels-1, d = (max - min) / (levels - 1)): a source that was already
-    quantized that way, e.g. a GGUF Q4_1 tensor dequantized to float."""
+def source_grid_weight(w, block: int, levels: int = 16):
+    """A Linear's (out, in) weight that sits exactly on an affine grid of ``levels`` values per block of ``block``
+    input weights (w = d·q + m, q in 0..levels-1, d = (max - min) / (levels - 1): a source that was already quantized
+    that way, e.g. a GGUF Q4_1 tensor dequantized to float), put on MatMulNBits' asymmetric grid keeping the source's
+    codes q and scales d exactly: w' = d·(q − z), z = round(−m/d) clamped to 0..levels-1, the same for every weight
+    of a block. None when the weight is not on such a grid. Only the block's float offset m + d·z is lost (an
+    integer zero point cannot hold it), a constant per block that ``lowrank.eora`` restores exactly. ORT's own
+    round-to-nearest gets the same grid except where the offset is a half step (ties: ~0.13-0.15% of the blocks of
+    the SmolLM2 layers checked are then split both ways, so the error is no longer a constant per block).
+    Re-quantizing w' with ORT is lossless."""
+    import torch
+
     if w.shape[-1] % block:
-        return False
-    b = w.reshape(-1, block).astype(np.float64)
+        return None
+    b = w.detach().double().numpy().reshape(w.shape[0], -1, block)
     lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
     d = np.where(hi > lo, (hi - lo) / (levels - 1), 1.0)
     q = np.rint((b - lo) / d)
-    return bool(np.abs(q * d + lo - b).max() <= 1e-5 * max(float(np.abs(b).max()), 1e-30))
-
-
-def source_grid_weight(w, block: int):
-    """A Linear's (out, in) weight that sits on a 16-level grid per block (``on_level_grid``) put on MatMulNBits'
-    asymmetric grid keeping the source's codes q and scales d exactly: w' = d·(q − z), z = round(−m/d) clamped to
-    0..15, the same for every weight of a block. Only the block's float offset m + d·z is lost (an integer zero point
-    cannot hold it), a constant per block that ``lowrank.eora`` restores exactly. ORT's own round-to-nearest gets the
-    same grid except where the offset is a half step (ties: 0.1-0.4% of SmolLM2's blocks are then split both ways,
-    which makes the error no longer a constant per block). Re-quantizing w' with ORT is lossless."""
-    import torch
-
-    b = w.detach().double().numpy().reshape(w.shape[0], -1, block)
-    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
-    d = np.where(hi > lo, (hi - lo) / 15, 1.0)
-    q = np.rint((b - lo) / d)
-    z = np.clip(np.floor(-lo / d + 0.5), 0, 15)
+    if np.abs(q * d + lo - b).max() > 1e-5 * max(float(np.abs(b).max()), 1e-30):
+        return None
+    z = np.clip(np.floor(-lo / d + 0.5), 0, levels - 1)
     return torch.from_numpy((d * (q - z)).reshape(w.shape)).to(w.dtype)
 
 

@@ -31,7 +31,6 @@ from compress.stages.grids import (
     check_block_size,
     int4_table,
     int4_weight,
-    on_level_grid,
     ort_int4_roundtrip,
     source_grid_weight,
 )
@@ -120,9 +119,9 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     with torch.no_grad():
         for name, (mod, f, grid) in targets.items():
             w = mod.weight.detach().float()
-            source = name not in extra and on_level_grid(w.numpy(), cfg.block_size)
-            on_grid += source
-            wq = source_grid_weight(w, cfg.block_size) if source and not cfg.symmetric else grid(w)
+            source = None if name in extra else source_grid_weight(w, cfg.block_size)
+            on_grid += source is not None
+            wq = source if source is not None and not cfg.symmetric else grid(w)
             err = float((w - wq).norm() / w.norm())
             mod.weight.copy_(wq.to(mod.weight.dtype))
             formats[name] = f

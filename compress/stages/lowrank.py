@@ -337,7 +337,6 @@ def _offset_layer(lm, name: str, original: np.ndarray, dw: np.ndarray, offsets: 
 
 
 def _compensate_layer(lm, name: str, cov: np.ndarray, original: np.ndarray, cfg: LowRank, whiten: bool) -> dict:
-
     mod = lm.model.get_submodule(name)
     if not np.isfinite(cov).all() or np.abs(cov).max() == 0:
         return {"layer": name, "skipped": "degenerate calibration covariance (no signal): left uncompensated"}
