@@ -166,7 +166,8 @@ def table(out: dict) -> str:
              f"{out['load_start'][0]:.1f}, while timing {out['load_timing_start'][0]:.1f} -> "
              f"{out['load_timing_end'][0]:.1f}.", ""]  # fmt: skip
     if w:
-        lines += [f"Winner: trial {w['trial']} {w['params']}; selection drop {w['selection_drop']:+.3f}; held-out drop "
+        lines += [f"Winner: trial {w['trial']} {w['params']}; selection drop {w['selection_drop']:+.3f} (bootstrap s.e. "
+                  f"{w.get('selection_drop_se') or 0:.3f}); held-out drop "
                   f"{w['heldout_drop']:+.3f} ({'inside' if w['inside_budget'] else 'OUTSIDE'} the 0.5 budget).", ""]  # fmt: skip
     lines += ["| model | STS-B held-out | drop | MB | p50 1x128 ms | x fp32 | x ORT int8 | p50 32x128 ms | x fp32 | x ORT int8 |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -286,6 +286,9 @@ def _duration(text: str) -> float:
 )
 @click.option("--holdout", type=click.Path(path_type=Path), help="An STS-B file for the winner's final check instead.")
 @click.option("--max-drop", default=0.5, show_default=True, help="Accuracy budget: points of STS-B Spearman x100.")
+@click.option("--confidence", default=0.8, show_default=True,
+              help="A trial is inside the budget when its selection drop + z(confidence) x its bootstrap standard "
+              "error <= --max-drop (0.5: no margin).")  # fmt: skip
 @click.option("--train", help="Labelled pairs for the recovery's task loss: stsb:PATH (e.g. STS-B train).")
 @click.option("--budget", default="60m", show_default=True, help="Wall time for the search (e.g. 60m, 2h).")
 @click.option("--trials", default=0, show_default=True, help="Stop after this many trials (0: when the budget ends).")
@@ -313,10 +316,11 @@ def _duration(text: str) -> float:
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder (default runs/MODEL-search-TARGET).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty output folder.")
-def search(model, target, eval_spec, holdout, max_drop, train, budget, trials, steps, teacher, storage, study,
+def search(model, target, eval_spec, holdout, max_drop, confidence, train, budget, trials, steps, teacher, storage, study,
            allow_batch_dependent, shapes, runs, threads, out, force) -> None:  # fmt: skip
     """Find the fastest compressed MODEL on a target inside an accuracy budget (multi-objective, resumable)."""
     cfg = SearchConfig(model=model, eval=eval_spec, target=target, max_drop=max_drop, holdout=holdout, train=train,
+                       confidence=confidence,
                        budget_s=_duration(budget), trials=trials, steps=steps, teacher=teacher, storage=storage,
                        study=study, out=out,
                        force=force, allow_batch_dependent=allow_batch_dependent,

@@ -16,7 +16,7 @@ from compress.core.data import PairSet, calibration_and_heldout, shipped_sentenc
 from compress.core.errors import CompressError
 from compress.core.models import load_model, torch_outputs
 from compress.recipe import load_recipe, parse_recipe
-from compress.search import BATCH_CONSISTENT, pareto, recipe_toml, split_eval, trial_stages
+from compress.search import BATCH_CONSISTENT, drop_se, feasible, pareto, recipe_toml, split_eval, trial_stages
 from compress.stages.distil import cosent
 from compress.stages.layers import block_influence
 from compress.stages.recover import hidden_map
@@ -137,6 +137,27 @@ def test_search_space_recipes_and_frontier():
     assert [r["trial"] for r in pareto(rows)] == [2, 0]
 
 
+def test_the_confidence_margin_grows_with_noise_and_decides_feasibility():
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 600)
+    base = gold / 5 + rng.normal(0, 0.15, 600)
+    assert drop_se(base, base.copy(), gold) == 0  # the same model: the paired bootstrap cancels everything
+    small, large = (
+        drop_se(base, base + rng.normal(0, 0.02, 600), gold),
+        drop_se(base, base + rng.normal(0, 0.2, 600), gold),
+    )
+    assert 0 < small < large
+
+    class Trial:
+        def __init__(self, attrs):
+            self.user_attrs = attrs
+
+    near = {"drop": 0.4, "drop_se": 0.25, "drop_bound": 0.61, "batch_consistent": True}
+    assert not feasible(Trial(near), 0.5, True)  # inside on the split, not with its margin
+    assert feasible(Trial({**near, "drop_bound": 0.45}), 0.5, True)
+    assert feasible(Trial({"drop": 0.4, "batch_consistent": True}), 0.5, True)  # a journal from before the margin
+
+
 def test_split_eval_alternates_rows(stsb_small, tmp_path):
     from compress.core.evaluate import EvalSpec
 
@@ -159,6 +180,7 @@ def test_search_end_to_end_resumes_and_its_recipe_reproduces(tiny_dirs, stsb_sma
     trained = [r for r in report["trials"] if "drop" in r]
     assert len(trained) == 2 and report["winner"] is not None and len(report["architectures"]) >= 4
     assert {"heldout_drop", "selection_drop", "ratio_int8"} <= set(report["winner"])
+    assert all(r["drop_se"] >= 0 and r["drop_bound"] >= r["drop"] for r in trained)
     assert (out / "frontier.png").is_file() and (out / "winner" / "onnx" / "model.onnx").is_file()
     assert (out / "winner" / "modules.json").is_file()  # the consumer layout (sentence-transformers files too)
     res = CliRunner().invoke(main, [*args, "--trials", "1", "--force"], catch_exceptions=False)  # resumes the study
@@ -168,3 +190,5 @@ def test_search_end_to_end_resumes_and_its_recipe_reproduces(tiny_dirs, stsb_sma
     assert recipe.stages[-1].name in ("quant.hybrid", "quant.static", "quant.dynamic")
     res = CliRunner().invoke(main, ["search", str(tiny_dirs["st"]), "--eval", f"stsb:{stsb_small}", "--budget", "soon"])
     assert res.exit_code == 2 and "--budget" in res.stderr
+    res = CliRunner().invoke(main, [*args, "--confidence", "1.5", "--force"])
+    assert res.exit_code != 0 and "--confidence" in res.output
