@@ -286,7 +286,7 @@ def _duration(text: str) -> float:
 )
 @click.option("--holdout", type=click.Path(path_type=Path), help="An STS-B file for the winner's final check instead.")
 @click.option("--max-drop", default=0.5, show_default=True, help="Accuracy budget: points of STS-B Spearman x100.")
-@click.option("--confidence", default=0.8, show_default=True,
+@click.option("--confidence", default=0.6, show_default=True,
               help="A trial is inside the budget when its selection drop + z(confidence) x its bootstrap standard "
               "error <= --max-drop (0.5: no margin).")  # fmt: skip
 @click.option("--train", help="Labelled pairs for the recovery's task loss: stsb:PATH (e.g. STS-B train).")

@@ -106,7 +106,7 @@ class SearchConfig:
     out: Path | None = None
     force: bool = False
     allow_batch_dependent: bool = False
-    confidence: float = 0.8  # one-sided: a trial is inside the budget when drop + z * se <= max_drop (0.5: no margin)
+    confidence: float = 0.6  # one-sided: a trial is inside the budget when drop + z * se <= max_drop (0.5: no margin)
     latency: ProfileConfig = field(default_factory=lambda: ProfileConfig(shapes=(Shape(1, 128),), runs=30))
     seed: int = 0
 
@@ -205,9 +205,15 @@ def drop_se(base: np.ndarray, cand: np.ndarray, gold: np.ndarray, rounds: int = 
     return float(np.std((rho(base) - rho(cand)) * 100, ddof=1))
 
 
-def drop_bound(attrs: dict) -> float:
-    """What decides whether a trained trial is inside the budget: its selection drop plus the confidence margin."""
-    return attrs.get("drop_bound", attrs["drop"])
+def margin_z(confidence: float) -> float:
+    """How many standard errors a trial's selection drop is raised by before it is held against the budget."""
+    return NormalDist().inv_cdf(confidence)
+
+
+def drop_bound(attrs: dict, z: float) -> float:
+    """What decides whether a trained trial is inside the budget: its selection drop plus z standard errors (the
+    margin is recomputed from the stored s.e., so a resumed study may change --confidence)."""
+    return attrs["drop"] + z * attrs.get("drop_se", 0.0)
 
 
 # ---- the search -----------------------------------------------------------------------------------------------
@@ -361,9 +367,9 @@ class Search:
         sel = float(spearmanr(cos, gold).statistic * 100)
         drop = anchors.fp32_score - sel
         se = drop_se(anchors.fp32_cosines, cos, gold)
-        margin = NormalDist().inv_cdf(self.cfg.confidence) * se
+        margin = margin_z(self.cfg.confidence) * se
         attrs = {"selection_score": round(sel, 3), "drop": round(drop, 3), "drop_se": round(se, 3),
-                 "drop_bound": round(drop + margin, 3), "mb": round(file_bytes(path) / 1e6, 2),
+                 "mb": round(file_bytes(path) / 1e6, 2),
                  "stages": stages, "path": str(path), "batch_consistent": consistent,
                  "fidelity": round(self.fidelity(path, anchors), 4),
                  "train_minutes": round(sum(r["metrics"].get("training_minutes", 0) for r in reports), 2)}  # fmt: skip
@@ -435,7 +441,7 @@ def keeps_as_much(a: tuple, b: tuple) -> bool:
     return all(x >= y for x, y in zip(a, b))
 
 
-def next_params(probes: list[dict], done: list, max_drop: float, consistent_only: bool) -> dict | None:
+def next_params(probes: list[dict], done: list, max_drop: float, consistent_only: bool, z: float = 0.0) -> dict | None:
     """The next architecture to train, by bisection over the probed architectures (fastest first) that can still win.
 
     Two facts shrink the list after every trained trial: accuracy is monotone in structure (an architecture that
@@ -446,8 +452,8 @@ def next_params(probes: list[dict], done: list, max_drop: float, consistent_only
     allowed = sorted((p for p in probes if p["params"]["precision"] in BATCH_CONSISTENT or not consistent_only),
                      key=lambda r: r["p50_ms"])  # fmt: skip
     trained = {arch_key(t.params): t for t in done if "drop" in t.user_attrs}
-    outside = [structure(t.params) for t in trained.values() if drop_bound(t.user_attrs) > max_drop]
-    best = min((t.user_attrs["p50_ms"] for t in trained.values() if feasible(t, max_drop, consistent_only)),
+    outside = [structure(t.params) for t in trained.values() if drop_bound(t.user_attrs, z) > max_drop]
+    best = min((t.user_attrs["p50_ms"] for t in trained.values() if feasible(t, max_drop, consistent_only, z)),
                default=float("inf"))  # fmt: skip
     fastest: dict[tuple, dict] = {}
     for p in allowed:
@@ -458,9 +464,9 @@ def next_params(probes: list[dict], done: list, max_drop: float, consistent_only
     return left[len(left) // 2]["params"] if left else None
 
 
-def feasible(t, max_drop: float, consistent_only: bool) -> bool:
+def feasible(t, max_drop: float, consistent_only: bool, z: float = 0.0) -> bool:
     a = t.user_attrs
-    return "drop" in a and drop_bound(a) <= max_drop and (a.get("batch_consistent") or not consistent_only)
+    return "drop" in a and drop_bound(a, z) <= max_drop and (a.get("batch_consistent") or not consistent_only)
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -526,7 +532,7 @@ def search(cfg: SearchConfig, progress: Progress = silent) -> tuple[Path, dict]:
     if not 0 <= cfg.max_drop:
         raise CompressError("--max-drop must be >= 0: it is the accuracy drop you accept")
     if not 0.5 <= cfg.confidence < 1:
-        raise CompressError("--confidence must be in [0.5, 1): 0.5 takes the selection drop as it is, 0.8 adds 0.84 "
+        raise CompressError("--confidence must be in [0.5, 1): 0.5 takes the selection drop as it is, 0.6 adds 0.25 "
                             "standard errors")  # fmt: skip
     spec = parse_eval(cfg.eval, detect_task(resolve_path(cfg.model)))
     if spec.kind != "stsb":
@@ -556,20 +562,21 @@ def run_search(cfg: SearchConfig, profile: DeviceProfile, progress: Progress = s
                                 directions=["minimize", "minimize"],
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True))  # fmt: skip
     consistent_only = not cfg.allow_batch_dependent
+    z = margin_z(cfg.confidence)
     probes = search.probe_grid(anchors)
     per_trial: list[float] = []
     started = sum("drop" in t.user_attrs for t in study.trials)
     skips = 0
     while True:
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        inside = [t for t in done if feasible(t, cfg.max_drop, consistent_only)]
+        inside = [t for t in done if feasible(t, cfg.max_drop, consistent_only, z)]
         best = min(inside, key=lambda t: t.user_attrs["ratio_int8"]).user_attrs if inside else None
         trained = {arch_key(t.params) for t in done}
         left = cfg.budget_s - search.elapsed()
         if (cfg.trials and len(done) - started >= cfg.trials) or left < (max(per_trial) if per_trial else 0) \
                 or left <= 0 or skips >= MAX_SKIPS:  # fmt: skip
             break
-        params = next_params(probes, done, cfg.max_drop, consistent_only)
+        params = next_params(probes, done, cfg.max_drop, consistent_only, z)
         if params is not None:  # the bisection over the probed architectures is still open: it decides
             study.enqueue_trial(params)
         frontier = f"best inside the budget: {best['ratio_int8']:.2f}x int8, drop {best['drop']:+.2f}" if best else \
@@ -597,7 +604,7 @@ def finish(
     rows = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k not in ("stages",)},
              "state": t.state.name.lower()} for t in trials]  # fmt: skip
     trained = [r for r in rows if "drop" in r]
-    inside = [t for t in trials if feasible(t, cfg.max_drop, consistent_only)]
+    inside = [t for t in trials if feasible(t, cfg.max_drop, consistent_only, margin_z(cfg.confidence))]
     winner = min(inside, key=lambda t: t.user_attrs["p50_ms"]) if inside else None
     report: dict = {
         "schema": 1, "kind": "search", "model": cfg.model, "target": cfg.target, "max_drop": cfg.max_drop,
