@@ -20,8 +20,8 @@ How it decides (README, "Compression search"):
 4. **Winner**: the lowest p50 among trained trials whose selection drop, plus z(--confidence) times its paired
    bootstrap standard error, is <= --max-drop (batch-consistent quantization only, unless --allow-batch-dependent).
    The margin answers the winner's curse: the fastest of many candidates scored on one noisy split is the one
-   whose luck was best (a run picked +0.37 on the selection split that was +0.67 held out). Its drop is measured again on the held-out split; that is
-   the number reported against the budget. The frontier (selection drop x p50 x MB), a plot, and a recipe file that
+   whose luck was best (a run picked +0.37 on the selection split that was +0.67 held out). Its drop is measured
+   again on the held-out split; that is the number reported against the budget. The frontier (selection drop x p50 x MB), a plot, and a recipe file that
    reproduces the winner with ``compress run`` go to the output folder.
 Targets this host cannot measure are ranked by the analytic roofline, calibrated on this host first
 (``runtimes.calibration``), and every latency is labelled with its source.
