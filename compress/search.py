@@ -21,8 +21,8 @@ How it decides (README, "Compression search"):
    bootstrap standard error, is <= --max-drop (batch-consistent quantization only, unless --allow-batch-dependent).
    The margin answers the winner's curse: the fastest of many candidates scored on one noisy split is the one
    whose luck was best (a run picked +0.37 on the selection split that was +0.67 held out). Its drop is measured
-   again on the held-out split; that is the number reported against the budget. The frontier (selection drop x p50 x MB), a plot, and a recipe file that
-   reproduces the winner with ``compress run`` go to the output folder.
+   again on the held-out split; that is the number reported against the budget. The frontier (selection drop x
+   p50 x MB), a plot, and a recipe file that reproduces the winner with ``compress run`` go to the output folder.
 Targets this host cannot measure are ranked by the analytic roofline, calibrated on this host first
 (``runtimes.calibration``), and every latency is labelled with its source.
 """
@@ -47,7 +47,7 @@ from scipy.stats import rankdata, spearmanr
 from compress.core import Progress, silent
 from compress.core.data import calibration_and_heldout, read_stsb, shipped_sentences
 from compress.core.errors import CompressError
-from compress.core.evaluate import EvalSpec, parse_eval
+from compress.core.evaluate import EvalSpec, parse_eval, spearman_x100, stsb_cosines
 from compress.core.fs import check_out_dir, file_bytes, staged_folder, write_text
 from compress.core.models import LoadedModel, detect_task, load_model, resolve_path
 from compress.core.numerics import row_cosine
@@ -176,18 +176,15 @@ def split_eval(spec: EvalSpec, holdout: Path | None, work: Path) -> tuple[Path, 
 
 
 def pair_cosines(path: Path, lm: LoadedModel, stsb: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine per pair, gold scores) of an ONNX artefact in ORT on an STS-B file."""
+    """(cosine per pair, gold scores) of an ONNX artefact in ORT on an STS-B file (``stsb_cosines``)."""
     sess = cpu_session(path, 0)
-    pairs = read_stsb(stsb)
-    encode = lambda t: ort_outputs(sess, lm.tokenizer, t, lm.task, lm.max_length)
-    return row_cosine(encode(pairs.first), encode(pairs.second)), np.asarray(pairs.scores, dtype=np.float64)
+    return stsb_cosines(lambda t: ort_outputs(sess, lm.tokenizer, t, lm.task, lm.max_length), stsb)
 
 
 def score(path: Path, lm: LoadedModel, stsb: Path) -> float:
     """STS-B Spearman x100 of an ONNX artefact in ORT (the same way a run's evaluation scores it:
     ``compress.core.evaluate.stsb_spearman``)."""
-    cos, gold = pair_cosines(path, lm, stsb)
-    return float(spearmanr(cos, gold).statistic * 100)
+    return spearman_x100(*pair_cosines(path, lm, stsb))
 
 
 def drop_se(base: np.ndarray, cand: np.ndarray, gold: np.ndarray, rounds: int = 300, seed: int = 0) -> float:
@@ -252,7 +249,7 @@ class Search:
         stages = list(parse_recipe({"stages": [{"type": "quant.dynamic"}]}, "int8", "int8").stages)
         int8, _ = apply_onnx_stages(stages, fp32, self.work / "anchor-fp32", None)
         cos, gold = pair_cosines(fp32, self.lm, self.selection)
-        a = Anchors(fp32, int8, float(spearmanr(cos, gold).statistic * 100), score(int8, self.lm, self.selection), cos)
+        a = Anchors(fp32, int8, spearman_x100(cos, gold), score(int8, self.lm, self.selection), cos)
         lat = self.time({"fp32": fp32, "ort-int8": int8})
         a.p50 = {k: v for k, v in lat.items()}
         self.progress(f"anchors: fp32 {a.fp32_score:.3f} / int8 {a.int8_score:.3f} on the selection split; p50 "
@@ -364,7 +361,7 @@ class Search:
         shutil.rmtree(folder, ignore_errors=True)
         path, _, reports = self.build(stages, folder, train=True)
         cos, gold = pair_cosines(path, self.lm, self.selection)
-        sel = float(spearmanr(cos, gold).statistic * 100)
+        sel = spearman_x100(cos, gold)
         drop = anchors.fp32_score - sel
         se = drop_se(anchors.fp32_cosines, cos, gold)
         margin = margin_z(self.cfg.confidence) * se
@@ -604,7 +601,8 @@ def finish(
     rows = [{"trial": t.number, **t.params, **{k: v for k, v in t.user_attrs.items() if k not in ("stages",)},
              "state": t.state.name.lower()} for t in trials]  # fmt: skip
     trained = [r for r in rows if "drop" in r]
-    inside = [t for t in trials if feasible(t, cfg.max_drop, consistent_only, margin_z(cfg.confidence))]
+    z = margin_z(cfg.confidence)
+    inside = [t for t in trials if feasible(t, cfg.max_drop, consistent_only, z)]
     winner = min(inside, key=lambda t: t.user_attrs["p50_ms"]) if inside else None
     report: dict = {
         "schema": 1, "kind": "search", "model": cfg.model, "target": cfg.target, "max_drop": cfg.max_drop,

@@ -61,11 +61,19 @@ def parse_eval(text: str, task: str) -> EvalSpec:
     return EvalSpec(kind, p)
 
 
+def stsb_cosines(encode: Encoder, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine(emb(s1), emb(s2)) per pair, gold scores) of an STS-B file."""
+    pairs = read_stsb(path)
+    return row_cosine(encode(pairs.first), encode(pairs.second)), np.asarray(pairs.scores, dtype=np.float64)
+
+
+def spearman_x100(cosines: np.ndarray, gold: np.ndarray) -> float:
+    return float(spearmanr(cosines, gold).statistic * 100)
+
+
 def stsb_spearman(encode: Encoder, path: Path) -> float:
     """Spearman x 100 between cosine(emb(s1), emb(s2)) and the gold score."""
-    pairs = read_stsb(path)
-    a, b = encode(pairs.first), encode(pairs.second)
-    return float(spearmanr(row_cosine(a, b), pairs.scores).statistic * 100)
+    return spearman_x100(*stsb_cosines(encode, path))
 
 
 def accuracy(encode: Encoder, path: Path) -> float:
