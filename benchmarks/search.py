@@ -5,7 +5,7 @@
 1. Runs `compress search minilm --target cpu --max-drop 0.5 --eval stsb:sts-dev.csv --train stsb:sts-train.csv
    --budget 60m` (selection = even dev rows, held-out = odd dev rows; training = STS-B train) and records its wall time.
 2. Builds the anchors: the fp32 export and ORT dynamic int8 of the original, and the shipped recipes cpu-default,
-   ffn-50 and static-int8 (each through `compress run`).
+   fused-hybrid-int8, ffn-50 and static-int8 (each through `compress run`).
 3. Scores every artefact on the held-out split (which the search never scored) and times all of them interleaved,
    round by round, at 1x128 and 32x128 under the machine's benchmark lock, with the load average recorded.
 4. Runs the winner's recipe with `compress run` (what the shipped `minilm-fast` recipe does) and records its wall time.
@@ -33,7 +33,7 @@ from compress.cli import _quiet_libraries
 ROOT = Path(__file__).resolve().parents[1]
 STSB = ROOT.parent / "shared" / "data" / "stsb"
 LOCK = "/tmp/edge-bench.lock"
-SHIPPED = ("cpu-default", "ffn-50", "static-int8")
+SHIPPED = ("cpu-default", "fused-hybrid-int8", "ffn-50", "static-int8")
 
 
 def cli(args: list[str], log: Path) -> float:

@@ -31,6 +31,7 @@ from compress.core.errors import CompressError
 from compress.core.kinds import ONNX_FILES, GenKind, artifact_kind
 from runtimes.host import host_info
 from runtimes.ort import cpu_session
+from runtimes.profiler import settle
 
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -267,6 +268,7 @@ def measure_generation(
         for r in range(cfg.runs):
             for k in range(len(labels)):  # rotate the order every round
                 label = labels[(r + k) % len(labels)]
+                settle()  # the previous generator's spinning workers sleep first (runtimes.profiler)
                 _, ttft, st = gens[label].generate(ids[label], cfg.new_tokens)
                 ttfts[label].append(ttft)
                 steps[label].append(st)

@@ -2,8 +2,14 @@
 
 ONNX Runtime ships no timing tool in its wheel (``onnxruntime_perf_test`` is C++ only), so the loop is
 written here; the op breakdown stands beside ORT's own profiler (``SessionOptions.enable_profiling``).
-Interleaving matters on a shared machine: every round times each variant once, in rotating order, so a
-noisy neighbour slows all of them alike and their ratio holds.
+Interleaving matters on a shared machine: every round times each variant, in rotating order, so a noisy
+neighbour slows all of them alike and their ratio holds. But every session owns a thread pool whose idle workers
+spin (ORT's default ``session.intra_op.allow_spinning``) for ~2^20 pause instructions, tens of milliseconds, before
+they sleep: timing variant B right after variant A lets A's spinning workers take B's cores. Measured on a 2-core
+host (MiniLM 1x128, four sessions, one run each per round): a 3-block int8 model 16.8-19.6 ms interleaved vs 4.9 ms
+alone, fp32 43 vs 19 ms -- the ratios off by up to 3x. So each visit to a variant first waits ``settle_s`` (the other
+sessions' workers go to sleep), runs once untimed (wakes its own), then times a ``block`` of runs back to back: what
+one app with ORT's default session options sees, interleaved at block granularity.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ class Shape:
         return f"{self.batch}x{self.seq}"
 
 
+# ORT's idle intra-op workers spin 2^20 pause iterations (onnxruntime/core/platform/EigenNonBlockingThreadPool.h,
+# log2_spin = 20) before they sleep: 20-60 ms with 40-140 cycles per pause. Waiting this long lets them.
+SETTLE_S = 0.1
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+    """Let every other session's spinning workers go to sleep before timing a different one."""
+    time.sleep(seconds)
+
+
 @dataclass(frozen=True)
 class ProfileConfig:
     shapes: tuple[Shape, ...] = (Shape(1, 128), Shape(32, 128))  # latency, throughput
@@ -53,10 +69,14 @@ class ProfileConfig:
     threads: int = 0  # 0: the host's physical cores
     op_runs: int = 10  # runs under ORT's profiler for the op breakdown
     top_ops: int = 8
+    block: int = 5  # timed runs back to back per visit to a variant (the visits rotate)
+    settle_s: float = SETTLE_S  # wait before each visit: the other sessions' spinning workers go to sleep
 
     def __post_init__(self) -> None:
         if self.runs < 1 or self.warmup < 0 or self.threads < 0:
             raise CompressError("--runs must be >= 1, warm-up and --threads >= 0")
+        if self.block < 1 or self.settle_s < 0:
+            raise CompressError("latency block must be >= 1 and settle time >= 0")
 
 
 @dataclass
@@ -121,17 +141,20 @@ def measure_latency(
     results: dict[str, list[Latency]] = {label: [] for label in labels}
     for shape in cfg.shapes:
         inputs = {label: feeds(s, shape.batch, shape.seq) for label, s in sessions.items()}
-        for label in labels:
-            for _ in range(cfg.warmup):
-                sessions[label].run(None, inputs[label])
         times: dict[str, list[float]] = defaultdict(list)
-        for r in range(cfg.runs):
+        for r in range(-(-cfg.runs // cfg.block)):
+            n = min(cfg.block, cfg.runs - r * cfg.block)
             for k in range(len(labels)):  # rotate the order every round
                 label = labels[(r + k) % len(labels)]
-                t0 = time.perf_counter()
-                sessions[label].run(None, inputs[label])
-                times[label].append(time.perf_counter() - t0)
-            done += 1
+                sess, feed = sessions[label], inputs[label]
+                settle(cfg.settle_s)
+                for _ in range(cfg.warmup if r == 0 else 1):  # the warm-up; later visits: wake this pool's workers
+                    sess.run(None, feed)
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    sess.run(None, feed)
+                    times[label].append(time.perf_counter() - t0)
+            done += n
             if on_progress:
                 on_progress(done, total)
         for label in labels:

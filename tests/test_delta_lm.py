@@ -36,7 +36,7 @@ def lm_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("delta-lm")
     random_lm.save("llama-tiny", root / "base", train_steps=120)
     ft = load_model(str(root / "base"), LM)
-    random_lm.train(ft.model, ft.tokenizer, 20, seed=1, lr=3e-4)
+    random_lm.train(ft.model, ft.tokenizer, 30, seed=1, lr=3e-4)
     ft.model.save_pretrained(root / "ft")
     ft.tokenizer.save_pretrained(root / "ft")
     return root / "base", root / "ft"

@@ -219,7 +219,9 @@ def test_int4_eora_restores_a_q4_1_source_exactly(tiny_lm, tmp_path):
     plain, _ = _run(q41, tmp_path / "plain", "lm-int4")
     kl_exact, kl_plain = _eval(report, "fidelity")["kl"], _eval(plain, "fidelity")["kl"]
     rise_exact, rise_plain = _eval(report, "ppl")["rise_percent"], _eval(plain, "ppl")["rise_percent"]
-    assert kl_exact < kl_plain and abs(rise_exact) < abs(rise_plain), (kl_exact, kl_plain, rise_exact, rise_plain)
+    # KL to the float model is the direct measure; a tiny model's perplexity rise (< 1% both ways) is noise that
+    # flips sign between CPUs (one AMD host: exact 0.63% vs plain 0.47%, KL 0.00077 vs 0.00122)
+    assert kl_exact < 0.8 * kl_plain and abs(rise_exact) < 2.0, (kl_exact, kl_plain, rise_exact, rise_plain)
     # the factorisation itself: a per-block constant is found and rebuilt exactly, anything else is refused
     rng = np.random.default_rng(0)
     offsets = rng.standard_normal((6, 4))

@@ -132,6 +132,10 @@ def test_search_space_recipes_and_frontier():
     hybrid = trial_stages({"blocks": 6, "ffn_keep": 1.0, "heads_keep": 1.0, "precision": "int8-hybrid"}, 6, 100,
                           labelled=False, teacher="tuned", train=False)  # fmt: skip
     assert hybrid == [{"type": "quant.hybrid"}] and "int8-hybrid" in BATCH_CONSISTENT
+    fused = trial_stages({"blocks": 3, "ffn_keep": 1.0, "heads_keep": 1.0, "precision": "int8-fused-hybrid"}, 6, 100,
+                         labelled=True, teacher="tuned")  # fmt: skip
+    assert [s["type"] for s in fused] == ["prune.layers", "recover", "graph.optimize", "quant.hybrid"]
+    assert "int8-fused-hybrid" in BATCH_CONSISTENT
     rows = [{"trial": 0, "drop": 0.1, "p50_ms": 10, "mb": 5}, {"trial": 1, "drop": 0.2, "p50_ms": 12, "mb": 6},
             {"trial": 2, "drop": 0.5, "p50_ms": 5, "mb": 5}]  # fmt: skip
     assert [r["trial"] for r in pareto(rows)] == [2, 0]

@@ -105,7 +105,24 @@ def test_hybrid_per_token_patterns_and_refusals(exported, tmp_path):
     for bad in ({"samples": 0}, {"reduce_range": "maybe"}):
         with pytest.raises(CompressError, match="quant.hybrid"):
             parse_recipe({"stages": [{"type": "quant.hybrid", **bad}]}, "b", "b")
-    fused = parse_recipe({"stages": [{"type": "graph.optimize"}, {"type": "quant.hybrid"}]}, "f", "f")
-    with pytest.raises(CompressError, match="unfused graph"):
-        apply_onnx_stages(list(fused.stages), path, tmp_path, ctx)
     assert HybridQuant().per_token == ("auto",)
+
+
+def test_hybrid_on_a_fused_graph_fixes_the_qattention_scales(exported, tmp_path):
+    """graph.optimize first: the attention input feeds one QAttention per layer, which reads the calibrated constant
+    scale and zero point; the FFN down-projection (after BiasGelu now) keeps per-token scales. Batch-independent."""
+    from runtimes.consistency import batch_consistency
+
+    lm, path, ctx, held = exported
+    out, reports = apply_onnx_stages(list(load_recipe("fused-hybrid-int8").stages), path, tmp_path, ctx)
+    m = reports[-1]["metrics"]
+    assert (m["fixed_scale_inputs"], m["per_token_inputs"]) == (6, 2)
+    g = onnx.load(str(out)).graph
+    inits = {t.name for t in g.initializer}
+    attention = [n for n in g.node if n.op_type == "QAttention"]
+    assert len(attention) == 2 and all(n.input[3] in inits and n.input[6] in inits for n in attention)
+    assert "DynamicQuantizeLinear" not in _ops(out)
+    c = batch_consistency(out, lm.tokenizer, held, lm.task, lm.max_length, batch=8)
+    assert c["batch_independent"] and c["alone_vs_batch"]["min"] >= 0.9999
+    ref = ort_outputs(cpu_session(path, 1), lm.tokenizer, held, lm.task)
+    assert compare(ref, ort_outputs(cpu_session(out, 1), lm.tokenizer, held, lm.task), 0.97).passed

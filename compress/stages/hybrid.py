@@ -237,36 +237,53 @@ def rewrite_hybrid(
     for dql in [n for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"]:
         x, (q, a_scale, a_zp) = dql.input[0], dql.output
         users = g.consumers.get(q, [])
-        if any(u.op_type != "MatMulInteger" for u in users):
+        if any(u.op_type not in ("MatMulInteger", "QAttention") for u in users):
             raise StageError(
-                f"quant.hybrid: the quantized {x} feeds {sorted({u.op_type for u in users})}, not MatMulInteger: "
-                "put quant.hybrid on an unfused graph (without graph.optimize) or use quant.dynamic"
+                f"quant.hybrid: the quantized {x} feeds {sorted({u.op_type for u in users})}, not MatMulInteger or "
+                "QAttention: report this graph, or use quant.dynamic"
             )
-        chains = [g.matmul(u, a_scale) for u in users]
+        chains = [g.matmul(u, a_scale) for u in users if u.op_type == "MatMulInteger"]
+        attention = [u for u in users if u.op_type == "QAttention"]
         leftovers = [
-            c for o in (a_scale, a_zp) for c in g.consumers.get(o, []) if c.op_type not in ("MatMulInteger", "Mul")
+            c
+            for o in (a_scale, a_zp)
+            for c in g.consumers.get(o, [])
+            if c.op_type not in ("MatMulInteger", "Mul", "QAttention")
         ]
         if leftovers:
             raise StageError(f"quant.hybrid: the scale of {x} feeds {leftovers[0].op_type}; report this graph")
         g.removed.append(dql)
         if x in per_token:
+            if attention:
+                raise StageError(
+                    f"quant.hybrid: {x} feeds a fused QAttention, which takes one scale per tensor: leave it out of "
+                    "per_token"
+                )
             _per_token(g, x, chains, symmetric)
             tokens.append(x)
         else:
-            _fixed(g, x, q, chains, ranges[x])
+            _fixed(g, x, q, chains, ranges[x], attention)
             fixed += 1
     g.finish(21 if tokens else None)
     return {"fixed": fixed, "per_token": len(tokens), "per_token_tensors": tokens}
 
 
-def _fixed(g: _Graph, x: str, q: str, chains: list[_MatMul], rng: tuple[float, float]) -> None:
-    """Calibrated uint8 scale and zero point (DynamicQuantizeLinear's formula on the calibration range)."""
+def _fixed(
+    g: _Graph, x: str, q: str, chains: list[_MatMul], rng: tuple[float, float], attention: list[onnx.NodeProto] = ()
+) -> None:
+    """Calibrated uint8 scale and zero point (DynamicQuantizeLinear's formula on the calibration range). A fused
+    ``QAttention`` (graph.optimize before the quantizer) reads the same constants as its input_scale (input 3) and
+    input_zero_point (input 6)."""
     lo, hi = min(rng[0], 0.0), max(rng[1], 0.0)
     scale = max((hi - lo) / 255.0, 1e-8)
     zp = int(np.clip(np.round(-lo / scale), 0, 255))
     s = g.const(f"hybrid/scale/{x}", scale)
     z = g.const(f"hybrid/zero_point/{x}", zp, np.uint8)
     g.node("QuantizeLinear", [x, s, z], q)
+    for att in attention:
+        while len(att.input) < 7:
+            att.input.append("")
+        att.input[3], att.input[6] = s, z
     for c in chains:
         out = c.bias_add.output[0] if c.bias_add is not None else c.mul.output[0]
         inputs = [q, c.weight, s, c.w_scale, z, c.w_zp] + ([c.bias] if c.bias_add is not None else [])
