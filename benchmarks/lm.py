@@ -12,7 +12,8 @@ Needs the [lm] extra and the wheel (README, Language models). Optional anchors, 
 Per variant: perplexity (compress.core.lm_eval: 15 x 256 tokens of the --ppl-text sentences, shuffled with seed 0,
 newline-joined, no special tokens, each chunk from an empty KV cache), next-token KL / top-1 against the fp32 export
 on held-out shipped text, file MB, and TTFT / decode tokens/s in ONE interleaved timing loop (a 32-token prompt, 64
-greedy tokens, EOS ignored, start variant rotated every round) under an fcntl lock on /tmp/edge-bench.lock, plus peak
+greedy tokens, EOS ignored, start variant rotated every round, 0.1 s pause before each generation so the previous
+variant's spinning ORT workers sleep: ``runtimes.profiler.settle``) under an fcntl lock on /tmp/edge-bench.lock, plus peak
 RSS of a fresh process per variant (VmHWM). The tool's recipes are run with ``compress run`` settings written in the
 results (calibration text: --calib-text, default STS-B train sentences 400-1400 of the same shuffle, disjoint from the
 perplexity chunks). Writes benchmarks/results/lm.{json,md,png}. Finished recipe runs in --work are reused.
@@ -37,6 +38,10 @@ from _results import save
 from lm_graft import graft
 
 GRAFT = "genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)"
+# the same source grid with its offsets folded into the MatMulNBits' K (lm_graft offsets="kext"): (label, dir, head)
+KEXT = (("genai builder graph + Q4_1 grid, offsets as extra K rows, Q8_0 head", "genai-graft-kext", "q8"),
+        ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head", "genai-graft-kext-int4head",
+         "builder"))  # fmt: skip
 RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
 PROMPT, NEW = 32, 64
 
@@ -267,6 +272,7 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--ungated", default="", help="recipes run with the perplexity gate off (to measure them anyway)")
     ap.add_argument("--genai-python", default="/work/venvs/lm-builder/bin/python")
+    ap.add_argument("--name", default="lm", help="results file stem: benchmarks/results/NAME.{json,md,png}")
     a = ap.parse_args()
     from compress.cli import _quiet_libraries
 
@@ -285,6 +291,7 @@ def main() -> None:
     from compress.core.smollm2 import gguf_file, smollm2_path
     from export.genai import write_genai_config
     from runtimes.host import host_info
+    from runtimes.profiler import settle
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
     a.work.mkdir(parents=True, exist_ok=True)
@@ -303,6 +310,8 @@ def main() -> None:
         variants["onnxruntime-genai builder int4"] = ("ort", og_dir / "model.onnx")
         graft_dir = graft(og_dir, hf, a.work / "genai-graft-exact")
         variants[GRAFT] = ("ort", graft_dir / "model.onnx")
+        for label, name, head in KEXT:
+            variants[label] = ("ort", graft(og_dir, hf, a.work / name, "kext", head) / "model.onnx")
     variants["ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)"] = (
         "ort",
         rtn_int4(fp32, a.work / "rtn-int4") / "model.onnx",
@@ -354,6 +363,8 @@ def main() -> None:
         if og_dir is not None:
             timed["onnxruntime-genai builder int4 (og.Generator)"] = GenaiRunner(og_dir, a.threads, a.work)
             timed[f"{GRAFT} (og.Generator)"] = GenaiRunner(graft_dir, a.threads, a.work)
+            for label, name, _ in KEXT:
+                timed[f"{label} (og.Generator)"] = GenaiRunner(a.work / name, a.threads, a.work)
         eora = a.work / "lm-int4-eora"
         if (eora / "model.onnx").is_file():
             if not (eora / "genai_config.json").is_file():  # compress run writes one; older runs may lack it
@@ -374,6 +385,7 @@ def main() -> None:
         for r in range(a.runs):
             for k in range(len(names)):
                 n = names[(r + k) % len(names)]
+                settle()  # the previous variant's spinning ORT workers sleep first (runtimes.profiler)
                 samples[n].append(timed[n].generate(prompt, NEW))
             log(f"timing round {r + 1}/{a.runs}")
         loop_s = time.perf_counter() - t_loop
@@ -460,7 +472,7 @@ def main() -> None:
             for k, v in runs.items()
         },  # fmt: skip
     }
-    save("lm", out, table, plot)
+    save(a.name, out, table, plot)
 
 
 def table(out: dict) -> str:
@@ -497,6 +509,8 @@ def table(out: dict) -> str:
 
 
 SHORT = (("genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)", "genai graph + exact Q4_1 (graft)"),
+         ("genai builder graph + Q4_1 grid, offsets as extra K rows, Q8_0 head", "genai graph + Q4_1 K-ext"),
+         ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head", "genai graph + Q4_1 K-ext, int4 head"),
          ("onnxruntime-genai builder int4", "genai builder int4"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
          "ORT RTN int4"), ("llama.cpp Q4_1 GGUF (original)", "llama.cpp Q4_1"), ("fp32 (optimum export)", "fp32"),
          ("(og.Generator)", "[og]"), ("compress ", ""))  # fmt: skip

@@ -8,6 +8,12 @@ block_offsets / offset_factors) as a branch: one block-sum MatMul per distinct i
 projections that read the same tensor: q/k/v packed, gate and up) and an 8-bit MatMulNBits for B, added to the int4
 output. The LM head and the embedding table hold the GGUF's Q8_0 grid exactly (8-bit MatMulNBits / 8-bit
 GatherBlockQuantized, scale = max|w| / 127 per block of 32). Everything else is the builder's.
+
+``offsets="kext"`` folds the offsets into the same 4-bit MatMulNBits instead of a branch: the input is concatenated
+with its per-block sums (one indicator MatMul and one Concat per distinct input) and the offsets become extra K rows,
+4-bit asymmetric in their own block(s) of 32 (``benchmarks/lm_offsets.py``: 0.54% relative weight error vs 8.23% for
+the rounded zero point alone; K +5.6% for K = 576, +4.2% for 1536 after padding to a block). ``offsets="none"``: the
+rounded zero point only. ``head="builder"`` keeps the builder's own LM head and embedding table instead of Q8_0.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def _hf_weight(weights: dict, node_name: str) -> np.ndarray:
     return weights[f"model.layers.{i}.{sub}.{kind}.weight"]
 
 
-def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
+def graft(builder_dir: Path, hf: Path, out: Path, offsets: str = "branch", head: str = "q8") -> Path:
     import onnx
     import torch
     from onnx import helper, numpy_helper
@@ -49,6 +55,8 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
     from compress.stages.grids import ort_quantize, source_grid_weight
     from compress.stages.lowrank import block_offsets
 
+    if offsets not in ("branch", "kext", "none") or head not in ("q8", "builder"):
+        raise ValueError(f"offsets={offsets!r} / head={head!r}")
     if (out / "model.onnx").is_file():
         return out
     weights = load_file(str(hf / "model.safetensors"))
@@ -73,6 +81,8 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
             continue
         attrs = {a.name: a for a in n.attribute}
         if n.name.startswith("/lm_head"):
+            if head == "builder":
+                continue
             w = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
             q, d = _q8_0(w)
             put(n.input[1], q)
@@ -85,15 +95,39 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
             raise ValueError(f"{n.name}: not on a 16-level grid per block of {BLOCK}: not a Q4_1 source")
         wq = source.double().numpy()
         packed, scales, zp = ort_quantize(wq.T, BLOCK, symmetric=False)  # lossless: wq is on MatMulNBits' grid
+        off = block_offsets(w.astype(np.float64) - wq, BLOCK)
+        if off is None:
+            raise ValueError(f"{n.name}: the int4 error is not a constant per block")
+        n_out, n_blocks = off.shape
+        x = n.input[0]
+        if offsets == "kext":  # [x, block sums of x] @ [W, R]^T: R's rows 4-bit in their own block(s)
+            pad = -(-n_blocks // BLOCK) * BLOCK
+            if n_blocks % 2:
+                raise ValueError(f"{n.name}: an odd block count would split a zero-point byte")
+            if x not in block_sum:
+                e_name = f"graft_kext_indicator_{w.shape[1]}"
+                if e_name not in inits:
+                    e = np.zeros((w.shape[1], pad), np.float32)
+                    e[np.arange(w.shape[1]), np.arange(w.shape[1]) // BLOCK] = 1
+                    put(e_name, e)
+                sums, block_sum[x] = f"{x}/graft_block_sums", f"{x}/graft_kext"
+                before.setdefault(n.name, []).extend([
+                    helper.make_node("MatMul", [x, e_name], [sums], name=f"{n.name}/graft_block_sums"),
+                    helper.make_node("Concat", [x, sums], [block_sum[x]], name=f"{n.name}/graft_kext", axis=-1),
+                ])  # fmt: skip
+            r = np.zeros((n_out, pad), np.float32)
+            r[:, :n_blocks] = off
+            pk_r, sc_r, zp_r = ort_quantize(r.T, BLOCK, symmetric=False)
+            packed, scales = np.concatenate([packed, pk_r], 1), np.concatenate([scales, sc_r], 1)
+            zp = np.concatenate([zp, zp_r], 1)
+            n.input[0] = block_sum[x]
+            attrs["K"].i = w.shape[1] + pad
         put(n.input[1], packed)
         put(n.input[2], scales.reshape(-1))
         del n.input[3:]
         n.input.append(put(n.input[1].replace("_Q4", "_zp"), zp.reshape(-1)))
-        offsets = block_offsets(w.astype(np.float64) - wq, BLOCK)
-        if offsets is None:
-            raise ValueError(f"{n.name}: the int4 error is not a constant per block")
-        n_out, n_blocks = offsets.shape
-        x = n.input[0]
+        if offsets != "branch":
+            continue
         if x not in block_sum:
             e_name = f"graft_block_indicator_{w.shape[1]}"
             if e_name not in inits:
@@ -105,7 +139,7 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
         # B (blocks -> out) as an 8-bit MatMulNBits over the block sums (one block of <= 64 sums per column)
         bs = 16 if n_blocks <= 16 else 32 if n_blocks <= 32 else 64
         padded = np.zeros((n_out, bs), np.float64)
-        padded[:, :n_blocks] = offsets
+        padded[:, :n_blocks] = off
         scale = np.abs(padded).max(-1) / 127
         q8 = np.rint(padded / np.where(scale == 0, 1, scale)[:, None]) + 128
         b_name = n.input[1].replace("_Q4", "_offsets")
@@ -129,7 +163,7 @@ def graft(builder_dir: Path, hf: Path, out: Path) -> Path:
             helper.make_node("Add", [f"{y}/graft_int4", f"{y}/graft_offsets"], [y], name=f"{n.name}/graft_add"),
         ]
     for n in g.node:
-        if n.op_type == "GatherBlockQuantized":
+        if n.op_type == "GatherBlockQuantized" and head == "q8":
             q, d = _q8_0(weights["model.embed_tokens.weight"])
             n.input[0] = put("graft_embed_q8", q.reshape(q.shape[0], -1))
             n.input[2] = put("graft_embed_scales", d)

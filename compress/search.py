@@ -87,6 +87,8 @@ QUANT_STAGES = {
     "int8-static": [{"type": "quant.static", "exclude": ["*[0-9]/output/dense/MatMul"]}],
     "int8-dynamic": [{"type": "quant.dynamic"}],
 }
+PRECISION_TIE = 1.15  # a trained structure's precisions probed within 15% of its fastest are re-timed on it
+PRECISION_RUNS = 60  # runs for that comparison (the probes take 30)
 PROBE_SHARE = 0.3  # at most this share of the budget goes to timing architectures before any training
 MAX_SKIPS = 40  # the sampler's proposals that cannot win in a row before the search stops early
 
@@ -258,11 +260,12 @@ class Search:
                       f"{a.p50['fp32']:.2f} / {a.p50['ort-int8']:.2f} ms")  # fmt: skip
         return a
 
-    def time(self, models: dict[str, Path]) -> dict[str, float]:
+    def time(self, models: dict[str, Path], runs: int | None = None) -> dict[str, float]:
         """p50 at the first shape: measured on this host, interleaved (or the roofline where it cannot measure)."""
         shape = self.cfg.latency.shapes[0]
         if self.profile.latency_source == "measured" and self.profile.kind == "cpu":
-            res = measure_latency(models, dataclasses.replace(self.cfg.latency, shapes=(shape,)))
+            cfg = dataclasses.replace(self.cfg.latency, shapes=(shape,), runs=runs or self.cfg.latency.runs)
+            res = measure_latency(models, cfg)
             return {k: rows[0].p50_ms for k, rows in res.items()}
         return {k: self.estimate(p, True) for k, p in models.items()}
 
@@ -298,7 +301,40 @@ class Search:
             float_path = folder / "float" / cached.name
         ctx = onnx_context(onnx_stages, lm, self.calibration[:64])
         path, more = apply_onnx_stages(onnx_stages, float_path, folder / "float", ctx)
+        self.built_float = (float_path, lm)
         return path, lm, reports + more
+
+    def pick_precision(self, params: dict, stages: list[dict], path: Path, folder: Path,
+                       anchors: Anchors) -> tuple[dict, list[dict], Path, dict]:  # fmt: skip
+        """The precision of a trained structure, chosen on its trained float export by a longer interleaved
+        measurement than the probes' (their 30 runs tell precisions within ~5% apart by chance): every allowed
+        precision whose probe was within PRECISION_TIE of this structure's fastest is quantized and timed with the
+        int8 anchor (PRECISION_RUNS runs). Returns (params, stages, artefact, timing row) of the fastest."""
+        float_path, lm = self.built_float
+        probed = {p: self.probes.get(arch_key({**params, "precision": p})) for p in self.space()["precision"]}
+        fastest = min((r["p50_ms"] for r in probed.values() if r), default=None)
+        options = {params["precision"]: (stages, path)}
+        for p, row in probed.items():
+            if p in options or row is None or fastest is None or row["p50_ms"] > PRECISION_TIE * fastest:
+                continue
+            alt = trial_stages({**params, "precision": p}, self.n_blocks, self.cfg.steps, self.labelled is not None,
+                               self.cfg.teacher if self.labelled is not None else "original")  # fmt: skip
+            onnx_stages = [s for s in parse_recipe({"stages": alt}, p, p).stages if s.type.level == "onnx"]
+            work = folder / f"precision-{p}"
+            work.mkdir(parents=True, exist_ok=True)
+            alt_path, _ = apply_onnx_stages(
+                onnx_stages, float_path, work, onnx_context(onnx_stages, lm, self.calibration[:64])
+            )
+            options[p] = (alt, alt_path)
+        models = {p: pth for p, (_, pth) in options.items()} | {"ort-int8": anchors.int8}
+        lat = self.time(models, runs=max(self.cfg.latency.runs, PRECISION_RUNS))
+        ratios = {p: lat[p] / lat["ort-int8"] for p in options}
+        best = min(ratios, key=ratios.get)
+        p50 = ratios[best] * anchors.p50["ort-int8"]
+        timing = {"p50_ms": round(p50, 3), "ratio_int8": round(ratios[best], 4),
+                  "ratio_fp32": round(p50 / anchors.p50["fp32"], 4),
+                  "precision_ratios_int8": {p: round(r, 4) for p, r in ratios.items()}}  # fmt: skip
+        return {**params, "precision": best}, options[best][0], options[best][1], timing
 
     def probe(self, params: dict, anchors: Anchors) -> dict:
         """Time an architecture before any training (the weights' values do not change latency): structure from the
@@ -362,6 +398,15 @@ class Search:
         folder = self.work / "trials" / f"{trial.number:03d}"
         shutil.rmtree(folder, ignore_errors=True)
         path, _, reports = self.build(stages, folder, train=True)
+        chosen, stages, path, timing = self.pick_precision(params, stages, path, folder, anchors)
+        if chosen["precision"] != params["precision"]:
+            self.progress(f"trial {trial.number}: {chosen['precision']} is faster on the trained model "
+                          f"({timing['ratio_int8']:.2f}x int8)")  # fmt: skip
+        probe = {**probe, **timing}
+        for k, v in timing.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("precision", chosen["precision"])
+        consistent = chosen["precision"] in BATCH_CONSISTENT
         cos, gold = pair_cosines(path, self.lm, self.selection)
         sel = spearman_x100(cos, gold)
         drop = anchors.fp32_score - sel
@@ -631,7 +676,8 @@ def finish(
                 path, _, _ = search.build(w["stages"], search.work / "winner-rebuild", train=True)
             fp32_held = score(anchors.fp32, search.lm, search.heldout)
             held = score(path, search.lm, search.heldout)
-            report["winner"] = {"trial": winner.number, "params": winner.params, "selection_drop": w["drop"],
+            params = {**winner.params, "precision": w.get("precision", winner.params.get("precision"))}
+            report["winner"] = {"trial": winner.number, "params": params, "selection_drop": w["drop"],
                                 "selection_drop_se": w.get("drop_se"),
                                 "heldout_score": round(held, 3), "heldout_fp32": round(fp32_held, 3),
                                 "heldout_drop": round(fp32_held - held, 3),

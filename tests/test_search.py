@@ -16,7 +16,17 @@ from compress.core.data import PairSet, calibration_and_heldout, shipped_sentenc
 from compress.core.errors import CompressError
 from compress.core.models import load_model, torch_outputs
 from compress.recipe import load_recipe, parse_recipe
-from compress.search import BATCH_CONSISTENT, drop_se, feasible, margin_z, pareto, recipe_toml, split_eval, trial_stages
+from compress.search import (
+    BATCH_CONSISTENT,
+    QUANT_STAGES,
+    drop_se,
+    feasible,
+    margin_z,
+    pareto,
+    recipe_toml,
+    split_eval,
+    trial_stages,
+)
 from compress.stages.distil import cosent
 from compress.stages.layers import block_influence
 from compress.stages.recover import hidden_map
@@ -185,6 +195,13 @@ def test_search_end_to_end_resumes_and_its_recipe_reproduces(tiny_dirs, stsb_sma
     assert len(trained) == 2 and report["winner"] is not None and len(report["architectures"]) >= 4
     assert {"heldout_drop", "selection_drop", "ratio_int8"} <= set(report["winner"])
     assert all(r["drop_se"] >= 0 for r in trained)
+    # each trained structure's precision was re-timed on the trained model; the fastest is what was scored and kept
+    for r in trained:
+        ratios = r["precision_ratios_int8"]
+        assert r["precision"] in ratios and ratios[r["precision"]] == min(ratios.values()) == r["ratio_int8"]
+    win = next(r for r in trained if r["trial"] == report["winner"]["trial"])
+    assert report["winner"]["params"]["precision"] == win["precision"]
+    assert load_recipe(str(out / "winner.toml")).stages[-1].name == QUANT_STAGES[win["precision"]][-1]["type"]
     assert (out / "frontier.png").is_file() and (out / "winner" / "onnx" / "model.onnx").is_file()
     assert (out / "winner" / "modules.json").is_file()  # the consumer layout (sentence-transformers files too)
     res = CliRunner().invoke(main, [*args, "--trials", "1", "--force"], catch_exceptions=False)  # resumes the study
