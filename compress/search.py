@@ -301,31 +301,29 @@ class Search:
             float_path = folder / "float" / cached.name
         ctx = onnx_context(onnx_stages, lm, self.calibration[:64])
         path, more = apply_onnx_stages(onnx_stages, float_path, folder / "float", ctx)
-        self.built_float = (float_path, lm)
         return path, lm, reports + more
 
-    def pick_precision(self, params: dict, stages: list[dict], path: Path, folder: Path,
-                       anchors: Anchors) -> tuple[dict, list[dict], Path, dict]:  # fmt: skip
-        """The precision of a trained structure, chosen on its trained float export by a longer interleaved
-        measurement than the probes' (their 30 runs tell precisions within ~5% apart by chance): every allowed
-        precision whose probe was within PRECISION_TIE of this structure's fastest is quantized and timed with the
-        int8 anchor (PRECISION_RUNS runs). Returns (params, stages, artefact, timing row) of the fastest."""
-        float_path, lm = self.built_float
+    def pick_precision(self, params: dict, stages: list[dict], path: Path, lm: LoadedModel, anchors: Anchors
+                       ) -> tuple[dict, list[dict], Path, dict]:  # fmt: skip
+        """The precision of a trained structure, chosen on its trained float export (``path``'s ``float/model.onnx``,
+        where ``build`` exported it) by a longer interleaved measurement than the probes' (their 30 runs tell
+        precisions within ~5% apart by chance): every allowed precision whose probe was within PRECISION_TIE of this
+        structure's fastest is quantized and timed with the int8 anchor (PRECISION_RUNS runs). Returns (params,
+        stages, artefact, timing row) of the fastest."""
+        folder = path.parent  # build's float/ folder: the float export and the chosen precision's stages
+        structure_stages = stages[: len(stages) - len(QUANT_STAGES[params["precision"]])]
         probed = {p: self.probes.get(arch_key({**params, "precision": p})) for p in self.space()["precision"]}
         fastest = min((r["p50_ms"] for r in probed.values() if r), default=None)
         options = {params["precision"]: (stages, path)}
         for p, row in probed.items():
             if p in options or row is None or fastest is None or row["p50_ms"] > PRECISION_TIE * fastest:
                 continue
-            alt = trial_stages({**params, "precision": p}, self.n_blocks, self.cfg.steps, self.labelled is not None,
-                               self.cfg.teacher if self.labelled is not None else "original")  # fmt: skip
-            onnx_stages = [s for s in parse_recipe({"stages": alt}, p, p).stages if s.type.level == "onnx"]
-            work = folder / f"precision-{p}"
+            onnx_stages = list(parse_recipe({"stages": QUANT_STAGES[p]}, p, p).stages)  # all ONNX-level
+            work = folder.parent / f"precision-{p}"
             work.mkdir(parents=True, exist_ok=True)
-            alt_path, _ = apply_onnx_stages(
-                onnx_stages, float_path, work, onnx_context(onnx_stages, lm, self.calibration[:64])
-            )
-            options[p] = (alt, alt_path)
+            ctx = onnx_context(onnx_stages, lm, self.calibration[:64])
+            alt_path, _ = apply_onnx_stages(onnx_stages, folder / "model.onnx", work, ctx)
+            options[p] = (structure_stages + copy.deepcopy(QUANT_STAGES[p]), alt_path)
         models = {p: pth for p, (_, pth) in options.items()} | {"ort-int8": anchors.int8}
         lat = self.time(models, runs=max(self.cfg.latency.runs, PRECISION_RUNS))
         ratios = {p: lat[p] / lat["ort-int8"] for p in options}
@@ -397,8 +395,8 @@ class Search:
                       "training")  # fmt: skip
         folder = self.work / "trials" / f"{trial.number:03d}"
         shutil.rmtree(folder, ignore_errors=True)
-        path, _, reports = self.build(stages, folder, train=True)
-        chosen, stages, path, timing = self.pick_precision(params, stages, path, folder, anchors)
+        path, lm, reports = self.build(stages, folder, train=True)
+        chosen, stages, path, timing = self.pick_precision(params, stages, path, lm, anchors)
         if chosen["precision"] != params["precision"]:
             self.progress(f"trial {trial.number}: {chosen['precision']} is faster on the trained model "
                           f"({timing['ratio_int8']:.2f}x int8)")  # fmt: skip
