@@ -6,7 +6,7 @@ fused graph).
     python benchmarks/lm.py --ppl-text ../shared/data/stsb/sts-train.csv          # ~1 h on 2 shared cores
 
 Needs the [lm] extra and the wheel (README, Language models). Optional anchors, skipped cleanly when absent:
-``--genai-python`` (a Python with onnxruntime-genai and transformers >= 5 for its builder; the runtime
+``--genai-python`` (a Python with onnxruntime-genai, transformers >= 5 and onnx_ir for its builder; the runtime
 ``onnxruntime_genai`` in this Python times its model with og.Generator) and ``llama_cpp`` (llama-cpp-python) here.
 
 Per variant: perplexity (compress.core.lm_eval: 15 x 256 tokens of the --ppl-text sentences, shuffled with seed 0,
