@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from compress import pipeline
-from compress.core.errors import CompressError, Terminated, first_line
+from compress.core.errors import CompressError, Terminated, first_line, on_signal, raise_if_signalled
 from compress.core.fs import write_text
 from compress.flows import ProfileRequest
 from compress.recipe import load_recipe, shipped_recipes
@@ -82,19 +82,18 @@ def _fail(e: CompressError) -> None:
     sys.exit(2)
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
-
-
 class _Group(click.Group):
     """Every command's CompressError becomes one line and exit status 2; SIGINT / SIGTERM clean up (the staged
     output folder is removed on the way out) and exit 130 / 143, as shells expect."""
 
     def invoke(self, ctx: click.Context):
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _terminate)
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            raise_if_signalled()
+            return result
         except CompressError as e:
             _fail(e)
         except KeyboardInterrupt:

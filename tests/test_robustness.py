@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from compress.cli import main
-from compress.core import fs
+from compress.core import errors, fs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--runs", "2", "--shapes", "1x16"]
@@ -151,6 +151,21 @@ def test_signals_leave_nothing_and_exit_as_shells_expect(tiny_dirs, tmp_path, si
     assert tree(out) is None and leftovers(tmp_path, "o", tmp_path / "tmp") == []
 
 
+@pytest.mark.parametrize("sig, exc", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, errors.Terminated)])
+def test_a_signal_whose_exception_a_finaliser_swallowed_still_stops_the_commit(tmp_path, monkeypatch, sig, exc):
+    """CPython drops an exception raised inside a finaliser ("Exception ignored in ..."); the handler remembers
+    the signal so the staged folder is still removed instead of committed."""
+    monkeypatch.setattr(errors, "_received", [])
+    out = tmp_path / "o"
+    with pytest.raises(exc), fs.staged_folder(out) as (staging, _work):
+        (staging / "report.json").write_text("{}")
+        try:  # what a finaliser does with the handler's exception
+            errors.on_signal(sig, None)
+        except BaseException:
+            pass
+    assert tree(out) is None and leftovers(tmp_path, "o") == []
+
+
 def test_a_sigkilled_run_is_cleaned_up_by_the_next_one(tiny_dirs, tmp_path):
     out, tmp = tmp_path / "o", tmp_path / "tmp"
     child = Child(run_args(tiny_dirs["st"], out, "--runs", "400", "--shapes", "1x16"), tmp_path, tmp)
@@ -172,7 +187,7 @@ def test_a_sigkilled_run_is_cleaned_up_by_the_next_one(tiny_dirs, tmp_path):
 SWAP_CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from compress.core import fs
+    from compress.core import errors, fs
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-t"

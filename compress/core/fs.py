@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from compress.core import Progress, silent
-from compress.core.errors import CompressError
+from compress.core.errors import CompressError, raise_if_signalled
 
 WORK_PREFIX = "compress-work-"
 _AT_FDCWD = -100
@@ -208,6 +208,7 @@ def staged_folder(out: Path, force: bool = False, work: bool = True,
             work_dir = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-")) if work else None
             try:
                 yield staging, work_dir
+                raise_if_signalled()  # a SIGINT / SIGTERM whose exception a finaliser swallowed
                 if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
                     raise CompressError(
                         f"{out} appeared while this run worked and is not empty: it was kept and "
