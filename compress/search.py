@@ -381,8 +381,8 @@ class Search:
         why = None
         if arch_key(params) in trained:
             why = "trained already in this study"
-        elif best is not None and probe["ratio_int8"] >= best["ratio_int8"]:
-            why = f"p50 {probe['ratio_int8']:.2f}x int8 >= the best model inside the budget ({best['ratio_int8']:.2f}x)"
+        elif best is not None and probe["ratio_int8"] >= probed_ratio(best):
+            why = f"p50 {probe['ratio_int8']:.2f}x int8 >= the best model inside the budget ({probed_ratio(best):.2f}x)"
         elif not consistent and not self.cfg.allow_batch_dependent:
             why = "batch-dependent precision (pass --allow-batch-dependent to consider it)"
         if why:
@@ -404,6 +404,9 @@ class Search:
         for k, v in timing.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("precision", chosen["precision"])
+        chosen_probe = self.probes.get(arch_key(chosen), probe)  # compared with other probes (same runs, same load)
+        trial.set_user_attr("probe_p50_ms", chosen_probe["p50_ms"])
+        trial.set_user_attr("probe_ratio_int8", chosen_probe["ratio_int8"])
         consistent = chosen["precision"] in BATCH_CONSISTENT
         cos, gold = pair_cosines(path, self.lm, self.selection)
         sel = spearman_x100(cos, gold)
@@ -495,7 +498,7 @@ def next_params(probes: list[dict], done: list, max_drop: float, consistent_only
                      key=lambda r: r["p50_ms"])  # fmt: skip
     trained = {arch_key(t.params): t for t in done if "drop" in t.user_attrs}
     outside = [structure(t.params) for t in trained.values() if drop_bound(t.user_attrs, z) > max_drop]
-    best = min((t.user_attrs["p50_ms"] for t in trained.values() if feasible(t, max_drop, consistent_only, z)),
+    best = min((probed_p50(t.user_attrs) for t in trained.values() if feasible(t, max_drop, consistent_only, z)),
                default=float("inf"))  # fmt: skip
     fastest: dict[tuple, dict] = {}
     for p in allowed:
@@ -504,6 +507,16 @@ def next_params(probes: list[dict], done: list, max_drop: float, consistent_only
             if p["p50_ms"] < best and arch_key(p["params"]) not in trained
             and not any(keeps_as_much(o, s) for o in outside)]  # fmt: skip
     return left[len(left) // 2]["params"] if left else None
+
+
+def probed_p50(attrs: dict) -> float:
+    """A trained trial's p50 as its probe measured it: what the untrained probes are compared with (a trained trial's
+    own p50 comes from a longer re-timing, at another moment of the host's load, and is not on the probes' scale)."""
+    return attrs.get("probe_p50_ms", attrs["p50_ms"])
+
+
+def probed_ratio(attrs: dict) -> float:
+    return attrs.get("probe_ratio_int8", attrs["ratio_int8"])
 
 
 def feasible(t, max_drop: float, consistent_only: bool, z: float = 0.0) -> bool:
@@ -615,7 +628,9 @@ def run_search(cfg: SearchConfig, profile: DeviceProfile, progress: Progress = s
         best = min(inside, key=lambda t: t.user_attrs["ratio_int8"]).user_attrs if inside else None
         trained = {arch_key(t.params) for t in done}
         left = cfg.budget_s - search.elapsed()
-        if (cfg.trials and len(done) - started >= cfg.trials) or left < (max(per_trial) if per_trial else 0) \
+        # The next trial's cost, with 10% to spare: the slowest trained trial after the first (the first also tuned
+        # the teacher, which is memoised for the rest).
+        if (cfg.trials and len(done) - started >= cfg.trials) or left < 1.1 * max(per_trial[1:] or per_trial or [0]) \
                 or left <= 0 or skips >= MAX_SKIPS:  # fmt: skip
             break
         params = next_params(probes, done, cfg.max_drop, consistent_only, z)

@@ -22,6 +22,7 @@ from compress.search import (
     drop_se,
     feasible,
     margin_z,
+    next_params,
     pareto,
     recipe_toml,
     split_eval,
@@ -170,6 +171,26 @@ def test_the_confidence_margin_grows_with_noise_and_decides_feasibility():
     assert not feasible(Trial(near), 0.5, True, margin_z(0.6))  # inside on the split, not with its margin
     assert feasible(Trial(near), 0.5, True, margin_z(0.5))  # 0.5: no margin
     assert feasible(Trial({"drop": 0.4, "batch_consistent": True}), 0.5, True, 1.0)  # a journal from before the margin
+
+
+def test_the_bisection_compares_probes_with_probes():
+    """A trained trial's re-timed p50 (longer, at another moment) is not on the probes' scale: what is still worth
+    training is decided by its probe's p50."""
+
+    class Trial:
+        def __init__(self, params, attrs):
+            self.params, self.user_attrs = params, attrs
+
+    def params(blocks, ffn):
+        return {"blocks": blocks, "ffn_keep": ffn, "heads_keep": 1.0, "precision": "int8-hybrid"}
+
+    probes = [{"params": params(3, 0.5), "p50_ms": 4.0}, {"params": params(3, 1.0), "p50_ms": 8.0},
+              {"params": params(4, 0.5), "p50_ms": 9.0}]  # fmt: skip
+    won = Trial(params(4, 0.5), {"drop": 0.1, "drop_se": 0.0, "batch_consistent": True, "p50_ms": 7.5,
+                                 "probe_p50_ms": 9.0})  # fmt: skip
+    assert next_params(probes, [won], 0.5, True) == params(3, 1.0)  # 8.0 < 9.0 probed, although the re-timing said 7.5
+    won.user_attrs.pop("probe_p50_ms")  # a journal from before: the re-timed p50 is all there is
+    assert next_params(probes, [won], 0.5, True) == params(3, 0.5)
 
 
 def test_split_eval_alternates_rows(stsb_small, tmp_path):
