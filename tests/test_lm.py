@@ -149,6 +149,27 @@ def test_structured_pruning_of_a_decoder_exports_and_generates(tiny_lm, tmp_path
     assert report["model"]["parameters_compressed"] < report["model"]["parameters"]
 
 
+def test_depth_pruning_of_a_decoder_recovers_by_next_token_distillation(tiny_lm, tmp_path):
+    """prune.layers on a decoder (block influence from forward hooks, the kept attention renumbered for the KV cache)
+    exports and generates; recover's next-token KL + hidden-state distillation brings perplexity back down."""
+    layers = 'name = "d"\n[[stages]]\ntype = "prune.layers"\nkeep = 1\nsamples = 16\nbatch_size = 4\n'
+    recover = ('[[stages]]\ntype = "recover"\nsteps = 30\nbatch_size = 4\nlearning_rate = 1e-3\ntask_loss = 0.0\n'
+               'teacher = "original"\n')  # fmt: skip
+    reports = {}
+    for name, text in (("cut", layers), ("recovered", layers + recover)):
+        (tmp_path / f"{name}.toml").write_text(text)
+        reports[name], _ = _run(tiny_lm, tmp_path / name, tmp_path / f"{name}.toml", "--max-ppl-rise", "100000%")
+    cut = reports["cut"]["stages"][0]["metrics"]
+    assert cut["blocks_before"] == 2 and cut["blocks_after"] == 1 and len(cut["scores"]) == 2
+    assert json.loads((tmp_path / "recovered" / "config.json").read_text())["num_hidden_layers"] == 1
+    rec = reports["recovered"]["stages"][1]["metrics"]
+    assert rec["trajectory"][-1]["embedding"] < rec["trajectory"][0]["embedding"]  # the next-token KL fell
+    for report in reports.values():
+        assert report["parity"]["compressed_float_export"]["passed"]
+    ppl = {k: _eval(r, "ppl")["compressed"] for k, r in reports.items()}
+    assert ppl["recovered"] < ppl["cut"], ppl
+
+
 def test_lm_eval_refusals(tiny_lm, tmp_path):
     for args, needle in (
         (["--eval", "stsb:x.csv"], "does not apply to a generative model"),

@@ -36,9 +36,11 @@ _STAGES = (
               kinds=LM, compresses=True),
     StageType("prune.layers", "torch", LayerPrune, apply_layers, "depth pruning: whole blocks removed by measured "
               "importance (block influence or first-order Taylor); follow with recover",
-              needs=lambda cfg: frozenset({"original"} if cfg.importance == "taylor" else ()), compresses=True),
+              needs=lambda cfg: frozenset({"original"} if cfg.importance == "taylor" else ()), kinds=LM,
+              compresses=True),
     StageType("recover", "torch", Recover, apply_recover, "recovery training after structural pruning: task loss "
-              "(CoSENT on --train pairs) + output and intermediate-layer distillation", needs=recover_needs),
+              "(CoSENT on --train pairs) + output (next-token KL for a causal LM) and intermediate-layer distillation",
+              needs=recover_needs, kinds=LM),
     StageType("prune.delta", "torch", DeltaPrune, apply_delta_prune, "delta-parameter pruning against --base (DARE, "
               "DAREx-q, magnitude, importance); writes delta.safetensors", needs=frozenset({"base"}), kinds=LM),
     StageType("lowrank.eora", "torch", LowRank, apply_eora,

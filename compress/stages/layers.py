@@ -56,19 +56,32 @@ def _batches(lm, texts: list[str], size: int):
 
 
 def block_influence(lm, texts: list[str], batch_size: int) -> np.ndarray:
-    """BI per block: 1 - cos(input, output) over the tokens the attention mask keeps."""
+    """BI per block: 1 - cos(input, output) over the tokens the attention mask keeps. The block's input and output
+    are read by forward hooks (the same tensors as BERT's hidden_states; in a decoder, before the final norm)."""
     import torch
 
     model = transformer(lm)
-    n = len(blocks(lm))
+    seen: list = []
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((x, output[0] if isinstance(output, tuple) else output))
+
+    handles = [b.register_forward_hook(hook, with_kwargs=True) for b in blocks(lm)]
+    n = len(handles)
     total, tokens = np.zeros(n), 0
-    with torch.inference_mode():
-        for enc in _batches(lm, texts, batch_size):
-            hs = model(**enc, output_hidden_states=True).hidden_states  # n + 1 tensors (B, T, H)
-            keep = enc["attention_mask"].bool()
-            for i in range(n):
-                total[i] += float((1 - torch.nn.functional.cosine_similarity(hs[i], hs[i + 1], dim=-1))[keep].sum())
-            tokens += int(keep.sum())
+    try:
+        with torch.inference_mode():
+            for enc in _batches(lm, texts, batch_size):
+                seen.clear()
+                model(**enc, **({"use_cache": False} if lm.task == "text-generation" else {}))
+                keep = enc["attention_mask"].bool()
+                for i, (x, y) in enumerate(seen):
+                    total[i] += float((1 - torch.nn.functional.cosine_similarity(x, y, dim=-1))[keep].sum())
+                tokens += int(keep.sum())
+    finally:
+        for h in handles:
+            h.remove()
     return total / max(tokens, 1)
 
 
@@ -107,7 +120,7 @@ def taylor_scores(lm, ctx: TorchContext, texts: list[str], batch_size: int, redu
                 with torch.no_grad():
                     ref = student_outputs(ctx.original, enc)
                 lm.model.zero_grad()
-                distil_loss(student_outputs(lm, enc), ref, lm.task).backward()
+                distil_loss(student_outputs(lm, enc), ref, lm.task, enc["attention_mask"]).backward()
                 add(reduce())
     finally:
         lm.model.zero_grad()

@@ -4,7 +4,9 @@
 Loss per step, on a batch of B labelled pairs from --train (2B sentences) or of B unlabelled calibration sentences:
 
     task_loss      * CoSENT(cos(student(a), student(b)), gold)            labels only (Su 2022)
-  + embedding_loss * mean(1 - cos(student output, teacher output))        every sentence
+  + embedding_loss * mean(1 - cos(student output, teacher output))        every sentence (a causal LM: the
+                                                                          next-token KL(teacher || student)
+                                                                          over real tokens)
   + hidden_loss    * mean_j ||h_s[j] - h_t[m(j)]||^2 / ||h_t[m(j)]||^2   over real tokens (intermediate layers)
 
 m(j), the teacher hidden state student block j is held to: with ``prune.layers``' kept blocks k_0 < k_1 < ...,
@@ -29,7 +31,7 @@ from compress.core.evaluate import EMBEDDING_TASKS
 from compress.core.numerics import task_output
 from compress.stages.base import StageError, TorchContext
 from compress.stages.distil import cosent, distil_loss, training
-from compress.stages.structure import transformer
+from compress.stages.structure import blocks, transformer
 
 TEACHERS = ("original", "tuned")
 
@@ -83,6 +85,9 @@ def forward(lm, enc, hidden: bool):
         finally:
             config.output_hidden_states = before
         return features["sentence_embedding"], features.get("all_layer_embeddings") if hidden else None
+    if lm.task == "text-generation":  # next-token logits (B, T, V); the hidden states of the decoder
+        res = lm.model(**enc, output_hidden_states=hidden, use_cache=False)
+        return res.logits, res.hidden_states if hidden else None
     res = lm.model(**enc, output_hidden_states=hidden)
     outputs = (
         {"logits": res.logits} if lm.task == "text-classification" else {"last_hidden_state": res.last_hidden_state}
@@ -107,9 +112,14 @@ def _batches(texts: list[str], size: int, rng: np.random.Generator):
 
 
 def _encode_bucketed(lm, sentences: list[str], chunk: int, hidden: bool):
-    """Forward length-sorted chunks (each padded to its own length); outputs back in input order."""
+    """Forward length-sorted chunks (each padded to its own length); outputs back in input order. A causal LM's
+    per-token logits cannot be concatenated across lengths: its batch goes through in one piece."""
     import torch
 
+    if lm.task == "text-generation":
+        enc = lm.tokenizer(sentences, padding=True, truncation=True, max_length=lm.max_length, return_tensors="pt")
+        out, h = forward(lm, enc, hidden)
+        return out, [(enc["attention_mask"], h, np.arange(len(sentences)))]
     by_len = np.argsort([len(s) for s in sentences], kind="stable")
     outs, masks, hs, order = [], [], [], []
     for c in range(0, len(sentences), chunk):
@@ -168,9 +178,10 @@ def apply_recover(cfg: Recover, lm, ctx: TorchContext):
     if ctx.original is None or (labelled and ctx.labelled is None):
         raise StageError("recover needs the original model and, for its task loss, --train stsb:PATH")
     t0 = time.perf_counter()
+    lm_logits = lm.task == "text-generation"
     teacher = _tuned_teacher(ctx, cfg) if cfg.teacher == "tuned" else ctx.original
-    n_student = len(transformer(lm).encoder.layer) if cfg.hidden_loss else 0
-    n_teacher = len(transformer(teacher).encoder.layer) if cfg.hidden_loss else 0
+    n_student = len(blocks(lm)) if cfg.hidden_loss else 0
+    n_teacher = len(blocks(teacher)) if cfg.hidden_loss else 0
     targets = hidden_map(lm.kept_blocks, n_student, n_teacher) if cfg.hidden_loss else []
     pairs = ctx.labelled if labelled else None
     texts = list(ctx.calibration)
@@ -180,8 +191,9 @@ def apply_recover(cfg: Recover, lm, ctx: TorchContext):
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    if cfg.freeze_embeddings:
-        for p in transformer(lm).embeddings.parameters():
+    if cfg.freeze_embeddings:  # a decoder's token embeddings (tied to its LM head in small LMs)
+        embeddings = transformer(lm).get_input_embeddings() if lm.task == "text-generation" else None
+        for p in (embeddings or transformer(lm).embeddings).parameters():
             p.requires_grad_(False)
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
@@ -204,8 +216,8 @@ def apply_recover(cfg: Recover, lm, ctx: TorchContext):
             if cfg.embedding_loss or cfg.hidden_loss:
                 with torch.no_grad():
                     ref, ref_chunks = _encode_bucketed(teacher, sentences, 16, bool(cfg.hidden_loss))
-                if cfg.embedding_loss:
-                    parts["embedding"] = distil_loss(emb, ref, lm.task)
+                if cfg.embedding_loss:  # a causal LM: next-token KL over the real tokens
+                    parts["embedding"] = distil_loss(emb, ref, lm.task, chunks[0][0] if lm_logits else None)
                 if cfg.hidden_loss:
                     parts["hidden"] = _hidden_loss(chunks, ref_chunks, targets)
             weights = {"task": cfg.task_loss, "embedding": cfg.embedding_loss, "hidden": cfg.hidden_loss}
