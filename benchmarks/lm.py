@@ -41,7 +41,13 @@ GRAFT = "genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.
 # the same source grid with its offsets folded into the MatMulNBits' K (lm_graft offsets="kext"): (label, dir, head)
 KEXT = (("genai builder graph + Q4_1 grid, offsets as extra K rows, Q8_0 head", "genai-graft-kext", "q8"),
         ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head", "genai-graft-kext-int4head",
-         "builder"))  # fmt: skip
+         "builder"),
+        ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head, Q8_0 embeddings",
+         "genai-graft-kext-int4head-q8emb", "builder-q8emb"),
+        ("genai builder graph + Q4_1 grid, offsets as extra K rows, int4 asymmetric head b32",
+         "genai-graft-kext-asym32", "int4-asym-b32"),
+        ("genai builder graph + Q4_1 grid, offsets as extra K rows, int4 asymmetric head b16",
+         "genai-graft-kext-asym16", "int4-asym-b16"))  # fmt: skip
 RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
 PROMPT, NEW = 32, 64
 
@@ -399,7 +405,7 @@ def main() -> None:
         ttft, dec = med[n]
         row = by_label.get(n)
         if row is None:  # an og.Generator line: accuracy is the same graph's
-            src = next(r for r in rows if n.startswith(r["variant"]))
+            src = by_label[n.removesuffix(" (og.Generator)")]
             row = {**src, "variant": n, "runtime": "onnxruntime-genai og.Generator"}
             rows.append(row)
             by_label[n] = row

@@ -13,7 +13,8 @@ GatherBlockQuantized, scale = max|w| / 127 per block of 32). Everything else is 
 with its per-block sums (one indicator MatMul and one Concat per distinct input) and the offsets become extra K rows,
 4-bit asymmetric in their own block(s) of 32 (``benchmarks/lm_offsets.py``: 0.54% relative weight error vs 8.23% for
 the rounded zero point alone; K +5.6% for K = 576, +4.2% for 1536 after padding to a block). ``offsets="none"``: the
-rounded zero point only. ``head="builder"`` keeps the builder's own LM head and embedding table instead of Q8_0.
+rounded zero point only. ``head="builder"`` keeps the builder's own LM head and embedding table instead of Q8_0;
+``head="int4-asym-b32"`` / ``"int4-asym-b16"`` re-rounds the head asymmetrically (builder's embedding table kept).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 BLOCK = 32
+# the LM head: the GGUF's Q8_0 exactly; the builder's own (int4 symmetric RTN, block 32); or int4 asymmetric RTN at
+# block 32 / 16 (the builder's embedding table kept); or the builder's int4 head with the embedding table on Q8_0
+# ("builder-q8emb": a lookup reads one row per token, so 8 bits there cost bytes, not speed)
+HEADS = ("q8", "builder", "builder-q8emb", "int4-asym-b32", "int4-asym-b16")
 
 
 def _q8_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +60,7 @@ def graft(builder_dir: Path, hf: Path, out: Path, offsets: str = "branch", head:
     from compress.stages.grids import ort_quantize, source_grid_weight
     from compress.stages.lowrank import block_offsets
 
-    if offsets not in ("branch", "kext", "none") or head not in ("q8", "builder"):
+    if offsets not in ("branch", "kext", "none") or head not in HEADS:
         raise ValueError(f"offsets={offsets!r} / head={head!r}")
     if (out / "model.onnx").is_file():
         return out
@@ -81,9 +86,19 @@ def graft(builder_dir: Path, hf: Path, out: Path, offsets: str = "branch", head:
             continue
         attrs = {a.name: a for a in n.attribute}
         if n.name.startswith("/lm_head"):
-            if head == "builder":
+            if head.startswith("builder"):
                 continue
             w = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+            if head.startswith("int4-asym"):  # ORT's asymmetric RTN of the (Q8_0-valued) head, zero points kept
+                bs = int(head.rpartition("-b")[2])
+                packed, scales, zp = ort_quantize(w.T, bs, symmetric=False)
+                # new initializers: the builder's GatherBlockQuantized reads the tied head's (embedding kept)
+                n.input[1] = put(n.input[1] + "_asym", packed)
+                n.input[2] = put(n.input[2] + "_asym", scales.reshape(-1))
+                del n.input[3:]
+                n.input.append(put(n.input[1] + "_zp", zp.reshape(-1)))
+                attrs["block_size"].i = bs
+                continue
             q, d = _q8_0(w)
             put(n.input[1], q)
             put(n.input[2], d.reshape(-1))
@@ -163,7 +178,7 @@ def graft(builder_dir: Path, hf: Path, out: Path, offsets: str = "branch", head:
             helper.make_node("Add", [f"{y}/graft_int4", f"{y}/graft_offsets"], [y], name=f"{n.name}/graft_add"),
         ]
     for n in g.node:
-        if n.op_type == "GatherBlockQuantized" and head == "q8":
+        if n.op_type == "GatherBlockQuantized" and head in ("q8", "builder-q8emb"):
             q, d = _q8_0(weights["model.embed_tokens.weight"])
             n.input[0] = put("graft_embed_q8", q.reshape(q.shape[0], -1))
             n.input[2] = put("graft_embed_scales", d)
