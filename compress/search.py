@@ -630,7 +630,8 @@ def run_search(cfg: SearchConfig, profile: DeviceProfile, progress: Progress = s
         left = cfg.budget_s - search.elapsed()
         # The next trial's cost, with 10% to spare: the slowest trained trial after the first (the first also tuned
         # the teacher, which is memoised for the rest).
-        if (cfg.trials and len(done) - started >= cfg.trials) or left < 1.1 * max(per_trial[1:] or per_trial or [0]) \
+        next_cost = 1.1 * max(per_trial[1:] or per_trial, default=0.0)
+        if (cfg.trials and len(done) - started >= cfg.trials) or left < next_cost \
                 or left <= 0 or skips >= MAX_SKIPS:  # fmt: skip
             break
         params = next_params(probes, done, cfg.max_drop, consistent_only, z)

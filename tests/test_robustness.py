@@ -187,7 +187,7 @@ def test_a_sigkilled_run_is_cleaned_up_by_the_next_one(tiny_dirs, tmp_path):
 SWAP_CHILD = textwrap.dedent("""
     import os, sys, time
     from pathlib import Path
-    from compress.core import errors, fs
+    from compress.core import fs
 
     out, mode = Path(sys.argv[1]), sys.argv[2]
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-t"

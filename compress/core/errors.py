@@ -24,14 +24,18 @@ def on_signal(signum: int, frame) -> None:
     because CPython drops an exception raised while a finaliser or weakref callback runs ("Exception ignored in
     ..."): a signal landing there would otherwise be lost and the run would finish as if never interrupted."""
     _received.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise _exception(signum)
 
 
 def raise_if_signalled() -> None:
     """Raise again for a signal whose first exception was swallowed (see ``on_signal``); a no-op otherwise.
     Called before anything is committed (core.fs) and when a command returns (compress.cli)."""
     if _received:
-        raise Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+        raise _exception(_received[-1])
+
+
+def _exception(signum: int) -> BaseException:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def first_line(e: BaseException) -> str:

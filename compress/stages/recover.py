@@ -192,8 +192,9 @@ def apply_recover(cfg: Recover, lm, ctx: TorchContext):
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.freeze_embeddings:  # a decoder's token embeddings (tied to its LM head in small LMs)
-        embeddings = transformer(lm).get_input_embeddings() if lm.task == "text-generation" else None
-        for p in (embeddings or transformer(lm).embeddings).parameters():
+        model = transformer(lm)
+        embeddings = model.get_input_embeddings() if lm_logits else model.embeddings
+        for p in embeddings.parameters():
             p.requires_grad_(False)
     params = [p for p in lm.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)

@@ -36,7 +36,7 @@ def keep_blocks(lm, keep: list[int]) -> None:
     import torch
 
     found = decoder_blocks(lm)
-    current = list(blocks(lm))
+    current = list(found[1] if found is not None else blocks(lm))
     kept = torch.nn.ModuleList([current[i] for i in keep])
     if found is None:
         model = transformer(lm)
