@@ -1,13 +1,12 @@
 """SmolLM2-135M-Instruct (the embedded ``smollm2``) side by side: the fp32 export, onnxruntime-genai's model builder
-int4 CPU model, ORT's own MatMulNBits RTN int4, llama.cpp on the original Q4_1 GGUF, this tool's LM recipes, and the
-builder's graph holding lm-int4-eora's exact weights (``lm_graft.py``: what the same numbers decode at in genai's
-fused graph).
+int4 and int8 CPU models, ORT's own MatMulNBits RTN int4, llama.cpp on the original Q4_1 GGUF, and this tool's LM
+recipes (``lm-int4-eora-genai``: the recipe's exact tables in the builder's own graph).
 
     python benchmarks/lm.py --ppl-text ../shared/data/stsb/sts-train.csv          # ~1 h on 2 shared cores
 
-Needs the [lm] extra and the wheel (README, Language models). Optional anchors, skipped cleanly when absent:
-``--genai-python`` (a Python with onnxruntime-genai, transformers >= 5 and onnx_ir for its builder; the runtime
-``onnxruntime_genai`` in this Python times its model with og.Generator) and ``llama_cpp`` (llama-cpp-python) here.
+Needs the [lm] extra, the wheel and onnxruntime-genai (README, Language models; the builder runs in this Python through
+``export.genai_graph.build``, its anchors are skipped cleanly when it is missing), and ``llama_cpp``
+(llama-cpp-python) for the llama.cpp anchor (skipped when absent).
 
 Per variant: perplexity (compress.core.lm_eval: 15 x 256 tokens of the --ppl-text sentences, shuffled with seed 0,
 newline-joined, no special tokens, each chunk from an empty KV cache), next-token KL / top-1 against the fp32 export
@@ -35,20 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from _results import save
-from lm_graft import graft
 
-GRAFT = "genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)"
-# the same source grid with its offsets folded into the MatMulNBits' K (lm_graft offsets="kext"): (label, dir, head)
-KEXT = (("genai builder graph + Q4_1 grid, offsets as extra K rows, Q8_0 head", "genai-graft-kext", "q8"),
-        ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head", "genai-graft-kext-int4head",
-         "builder"),
-        ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head, Q8_0 embeddings",
-         "genai-graft-kext-int4head-q8emb", "builder-q8emb"),
-        ("genai builder graph + Q4_1 grid, offsets as extra K rows, int4 asymmetric head b32",
-         "genai-graft-kext-asym32", "int4-asym-b32"),
-        ("genai builder graph + Q4_1 grid, offsets as extra K rows, int4 asymmetric head b16",
-         "genai-graft-kext-asym16", "int4-asym-b16"))  # fmt: skip
-RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-mixed", "lm-ffn-25")
+RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-int4-eora-genai", "lm-mixed", "lm-ffn-25")
 PROMPT, NEW = 32, 64
 
 
@@ -179,16 +166,24 @@ def calib_text(ppl_text: Path, out: Path) -> Path:
     return out
 
 
+def folder_of(recipe: str) -> str:
+    """A recipe spec's run folder (no '@': optimum reads a path with one as repo@revision)."""
+    return recipe.replace(":", "_").replace("+", "_").replace("=", "-")
+
+
 def run_recipe(recipe: str, work: Path, calib: Path, ppl_text: Path, threads: int, gated: bool = True) -> Path:
+    """``compress run smollm2`` with a recipe; ``NAME:key=value+key=value`` sets stage parameters (``--set``)."""
     from compress.pipeline import run as run_pipeline
     from compress.steps import RunConfig
     from runtimes.profiler import ProfileConfig, Shape
 
-    out = work / recipe
+    name, _, sets = recipe.partition(":")
+    overrides = tuple(tuple(kv.split("=", 1)) for kv in sets.split("+") if kv)
+    out = work / folder_of(recipe)
     if (out / "report.json").is_file():
         log(f"{recipe}: reusing {out}")
         return out
-    cfg = RunConfig(model="smollm2", recipe=recipe, out=out, data=calib, force=True,
+    cfg = RunConfig(model="smollm2", recipe=name, out=out, data=calib, force=True, overrides=overrides,
                     evals=(f"ppl:{ppl_text}", "fidelity"), new_tokens=16,
                     latency=ProfileConfig(shapes=(Shape(1, 32),), runs=1, threads=threads),
                     max_ppl_rise=10.0 if gated else 1e9)  # fmt: skip
@@ -219,20 +214,21 @@ def rtn_int4(fp32: Path, out: Path) -> Path:
     return out
 
 
-def genai_build(python: str, hf: Path, out: Path, work: Path) -> Path | None:
+def genai_build(hf: Path, out: Path, work: Path, precision: str = "int4") -> Path | None:
+    """onnxruntime-genai's model builder with its defaults (block 32, accuracy level 4, symmetric round-to-nearest)
+    on the fp32 folder, run by export.genai_graph.build (this Python, transformers 4.5x bridged)."""
+    from compress.core.errors import CompressError
+    from export.genai_graph import build
+
     if (out / "model.onnx").is_file():
         return out
-    if not python or not Path(python).is_file():
-        return None
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4", "-e", "cpu",
-           "-c", str(work / "genai-cache")]  # fmt: skip
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        log(f"genai builder failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    try:
+        build(hf, out, 32, 4, work / "genai-cache", precision)
+    except (CompressError, ImportError) as e:
+        log(f"genai builder ({precision}) skipped: {e}")
         return None
-    log(f"genai builder: {time.perf_counter() - t0:.0f} s")
+    log(f"genai builder {precision}: {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -277,7 +273,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--ungated", default="", help="recipes run with the perplexity gate off (to measure them anyway)")
-    ap.add_argument("--genai-python", default="/work/venvs/lm-builder/bin/python")
     ap.add_argument("--name", default="lm", help="results file stem: benchmarks/results/NAME.{json,md,png}")
     a = ap.parse_args()
     from compress.cli import _quiet_libraries
@@ -295,7 +290,6 @@ def main() -> None:
         token_chunks,
     )
     from compress.core.smollm2 import gguf_file, smollm2_path
-    from export.genai import write_genai_config
     from runtimes.host import host_info
     from runtimes.profiler import settle
 
@@ -310,14 +304,12 @@ def main() -> None:
     variants: dict[str, tuple[str, Path]] = {}  # label -> (kind, path); kind ort (model.onnx) | og (folder) | gguf
     fp32 = export_fp32(hf, a.work / "fp32")
     variants["fp32 (optimum export)"] = ("ort", fp32 / "model.onnx")
-    og_dir = genai_build(a.genai_python, hf, a.work / "genai-int4", a.work)
-    graft_dir = None
-    if og_dir is not None:
-        variants["onnxruntime-genai builder int4"] = ("ort", og_dir / "model.onnx")
-        graft_dir = graft(og_dir, hf, a.work / "genai-graft-exact")
-        variants[GRAFT] = ("ort", graft_dir / "model.onnx")
-        for label, name, head in KEXT:
-            variants[label] = ("ort", graft(og_dir, hf, a.work / name, "kext", head) / "model.onnx")
+    builders = {}  # label -> folder: onnxruntime-genai's own models, timed with og.Generator too
+    for precision in ("int4", "int8"):
+        built = genai_build(hf, a.work / f"genai-{precision}", a.work, precision)
+        if built is not None:
+            builders[f"onnxruntime-genai builder {precision}"] = built
+            variants[f"onnxruntime-genai builder {precision}"] = ("ort", built / "model.onnx")
     variants["ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)"] = (
         "ort",
         rtn_int4(fp32, a.work / "rtn-int4") / "model.onnx",
@@ -360,22 +352,17 @@ def main() -> None:
 
     # one interleaved timing loop (plain ORT loop for every ONNX variant, og.Generator for genai's own runtime)
     timed: dict[str, object] = {}
+    by_label_done = {r["variant"].removesuffix(" (gate off)") for r in rows}
     for r in rows:
         kind, path = r["kind"], Path(r["path"])
         timed[r["variant"]] = LlamaCppRunner(path, a.threads) if kind == "gguf" else OrtDecoder(path, a.threads, kv, hd)
     try:
         import onnxruntime_genai  # noqa: F401
 
-        if og_dir is not None:
-            timed["onnxruntime-genai builder int4 (og.Generator)"] = GenaiRunner(og_dir, a.threads, a.work)
-            timed[f"{GRAFT} (og.Generator)"] = GenaiRunner(graft_dir, a.threads, a.work)
-            for label, name, _ in KEXT:
-                timed[f"{label} (og.Generator)"] = GenaiRunner(a.work / name, a.threads, a.work)
-        eora = a.work / "lm-int4-eora"
-        if (eora / "model.onnx").is_file():
-            if not (eora / "genai_config.json").is_file():  # compress run writes one; older runs may lack it
-                write_genai_config(eora)
-            timed["compress lm-int4-eora (og.Generator)"] = GenaiRunner(eora, a.threads, a.work)
+        folders = {**builders, **{f"compress {r}": a.work / folder_of(r) for r in runs}}
+        for label, folder in folders.items():
+            if label in by_label_done and (folder / "genai_config.json").is_file():
+                timed[f"{label} (og.Generator)"] = GenaiRunner(folder, a.threads, a.work)
     except ImportError:
         log("onnxruntime-genai not installed: og.Generator timings skipped")
     prompt = fid_chunks[0][:PROMPT].tolist()
@@ -514,10 +501,7 @@ def table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHORT = (("genai builder graph + exact Q4_1 grid and offsets (benchmarks/lm_graft.py)", "genai graph + exact Q4_1 (graft)"),
-         ("genai builder graph + Q4_1 grid, offsets as extra K rows, Q8_0 head", "genai graph + Q4_1 K-ext"),
-         ("genai builder graph + Q4_1 grid, offsets as extra K rows, builder's int4 head", "genai graph + Q4_1 K-ext, int4 head"),
-         ("onnxruntime-genai builder int4", "genai builder int4"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
+SHORT = (("onnxruntime-genai builder int", "genai builder int"), (":lm_head=int8+method=rtn", ", 8-bit head"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
          "ORT RTN int4"), ("llama.cpp Q4_1 GGUF (original)", "llama.cpp Q4_1"), ("fp32 (optimum export)", "fp32"),
          ("(og.Generator)", "[og]"), ("compress ", ""))  # fmt: skip
 

@@ -12,7 +12,8 @@ relative weight error ||W_deployed - W_gguf|| / ||W_gguf|| over all Q4_1 tensors
 - ``K-extension, 1 row``: the input concatenated with its per-block sums and the offsets as extra K rows of the same
   4-bit MatMulNBits (ORT's packer, asymmetric, block 32: ``grids.ort_int4_roundtrip``) — 2 extra ops per input;
 - ``K-extension, 2 rows``: a second row per block for what the first left (K grows by 2 x K/32).
-Not built into the export yet; this measures whether it is worth building.
+The K-extension is what `export = "genai"` recipes ship (`export/genai_graph.py`); `lm_offset_types.py` measures
+which projections need the offsets at all.
 """
 
 from __future__ import annotations

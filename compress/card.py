@@ -384,11 +384,14 @@ def generative_card(report: dict, files: list[str]) -> str:
     base = base_model(report)
     origin = f"[{base}](https://huggingface.co/{base})" if base else f"`{model['name']}`"
     recipe = report["recipe"]
+    genai_graph = recipe.get("export") == "genai"
+    exporter = ("onnxruntime-genai's model builder's graph (GroupQueryAttention, fused norms, packed QKV) holding the "
+                "recipe's tables" if genai_graph else "optimum (with past key/values)")  # fmt: skip
     lines += [
         f"# {Path(str(base or model['name'])).name} · {recipe['name']} · ONNX",
         "",
         f"{origin} ({model.get('architecture', '')}, {model.get('parameters', 0) / 1e6:.2f} M parameters, task {task}) "
-        f"exported with optimum (with past key/values) and compressed with edge-compress recipe `{recipe['name']}` "
+        f"exported as {exporter} and compressed with edge-compress recipe `{recipe['name']}` "
         f"({recipe['description']}).",
         "",
         "## Files",
@@ -439,6 +442,12 @@ def generative_card(report: dict, files: list[str]) -> str:
         "```",
         "",
     ]
+    if genai_graph:
+        lines += [
+            "This graph reads the attention mask as sequence lengths (GroupQueryAttention): give Optimum one prompt "
+            "at a time (a left-padded batch gets wrong positions); onnxruntime-genai below is its native runtime.",
+            "",
+        ]
     if "genai_config.json" in files:
         lines += ["### onnxruntime-genai", "", "```python", genai_snippet().rstrip(), "```", ""]
     lines += [f"Made by edge-compress {report['versions'].get('edge-compress', '')}; full report: `report.md`.", ""]

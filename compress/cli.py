@@ -353,6 +353,7 @@ def recipes() -> None:
     for name in shipped_recipes():
         r = load_recipe(name)
         stages = " -> ".join(s.name for s in r.stages) or "(no stages)"
+        stages += " -> genai graph" if r.export == "genai" else ""
         click.echo(f"  {name:<20} {stages:<36} {r.description}")
     click.echo("\nStage types:")
     for name, st in REGISTRY.items():

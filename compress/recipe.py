@@ -45,6 +45,9 @@ class Recipe:
     description: str
     stages: tuple[StageSpec, ...]
     source: str  # the file it came from
+    # the causal-LM graph: "optimum" (optimum's text-generation-with-past export, then int4 packing and ONNX stages)
+    # or "genai" (onnxruntime-genai's model-builder graph holding the torch stages' tables: export.genai_graph)
+    export: str = "optimum"
 
     def as_dict(self) -> dict:
         return {
@@ -52,7 +55,11 @@ class Recipe:
             "description": self.description,
             "source": self.source,
             "stages": [{"type": s.name, "params": s.params()} for s in self.stages],
+            "export": self.export,
         }
+
+
+EXPORTS = ("optimum", "genai")
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -97,17 +104,27 @@ def build_stage(raw: dict, where: str) -> StageSpec:
 
 
 def parse_recipe(data: dict, name: str, source: str) -> Recipe:
-    unknown = set(data) - {"name", "description", "stages"}
+    unknown = set(data) - {"name", "description", "stages", "export"}
     if unknown:
         raise CompressError(
-            f"recipe {source}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid: name, description, stages"
+            f"recipe {source}: unknown top-level key(s) {', '.join(sorted(unknown))}; valid: name, description, "
+            "stages, export"
         )
+    export = data.get("export", "optimum")
+    if export not in EXPORTS:
+        raise CompressError(f"recipe {source}: export = {export!r} must be one of {', '.join(EXPORTS)}")
     raw_stages = data.get("stages", [])
     if not isinstance(raw_stages, list):
         raise CompressError(f"recipe {source}: 'stages' must be an array of tables ([[stages]])")
     stages = tuple(build_stage(s, f"recipe {source}, stage {i + 1}") for i, s in enumerate(raw_stages))
     check_rules(stages, source)
-    return Recipe(name=data.get("name", name), description=data.get("description", ""), stages=stages, source=source)
+    if export == "genai" and any(s.type.level == "onnx" for s in stages):
+        raise CompressError(
+            f'recipe {source}: export = "genai" takes torch-level stages only (the builder\'s graph is packed from '
+            "their tables): drop the ONNX-level stages"
+        )
+    return Recipe(name=data.get("name", name), description=data.get("description", ""), stages=stages, source=source,
+                  export=export)  # fmt: skip
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -165,6 +182,11 @@ def check_applicable(
     """Refuse, before any heavy work, a stage that is not built for this model kind or (``strict_precisions``)
     produces a precision the target does not list. ``levels``: the stage levels the flow will apply (an NPU flow
     applies torch stages only)."""
+    if recipe.export == "genai" and kind != "causal-lm":
+        raise CompressError(
+            f'recipe {recipe.name}: export = "genai" builds onnxruntime-genai\'s decoder graph, for causal LMs '
+            f"only ({kind} given): use a recipe without it"
+        )
     for spec in recipe.stages:
         if spec.type.level not in levels:
             continue

@@ -28,7 +28,8 @@ from compress.core.kinds import ENCODER_GRAPH, ModelKind, encoder_graph
 from compress.core.models import LoadedModel, detect_task, load_model, max_positions, resolve_path, torch_outputs
 from compress.recipe import Recipe, StageSpec
 from compress.stages import OnnxContext, Scorer, StageError, TorchContext
-from export.int4_pack import op_weight, pack_int4
+from export.genai_graph import GenaiWeights, NBits, Table, build, graft
+from export.int4_pack import op_weight, ort_quantize, pack_int4
 from export.onnx_export import export_onnx
 from export.verify import FLOAT_COSINE_MIN, Parity, verify_against_torch
 from profiles import DeviceProfile
@@ -270,12 +271,94 @@ def pack_int4_layers(lm: LoadedModel, src: Path, work: Path) -> tuple[Path, dict
     modules = dict(lm.model.named_modules())
     weights = {name: (op_weight(modules[name]), fmt) for name, fmt in lm.int4_layers.items()}
     dst = work / "int4-packed.onnx"
-    metrics = pack_int4(src, dst, weights)
+    tables = {name: (t.packed, t.scales, t.zero_points) for name, t in lm.int4_tables.items()}
+    metrics = pack_int4(src, dst, weights, tables)
     return dst, {
         "name": "export.int4_pack",
         "level": "onnx",
         "params": {},
         "metrics": metrics,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _nbits(w: np.ndarray, f, table=None) -> NBits:
+    """A Linear's (out, in) grid weight packed as MatMulNBits holds it: the stage's own table (GPTQ) where it chose
+    one, else ORT's packing of the weight (lossless: it is on ORT's grid already)."""
+    if table is not None:
+        return NBits(table.packed, table.scales, table.zero_points, f.bits, f.block_size, f.accuracy_level)
+    packed, scales, zp = ort_quantize(w.T, f.block_size, f.symmetric, f.bits)
+    return NBits(packed, scales, None if f.symmetric else zp, f.bits, f.block_size, f.accuracy_level)
+
+
+def genai_weights(lm: LoadedModel) -> GenaiWeights:
+    """The torch stages' numbers, as MatMulNBits / GatherBlockQuantized hold them, by Hugging Face module name: every
+    Linear a stage put on a grid (``lm.int4_layers``; a low-rank-wrapped one as ``NAME.base``), the low-rank factors
+    (A, B) of wrapped Linears, and the head / token embeddings (float where no stage quantized them)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    model = lm.model
+    modules = dict(model.named_modules())
+    names = {id(m): n for n, m in modules.items()}
+    head_mod, emb_mod = model.get_output_embeddings(), model.get_input_embeddings()
+    head, emb = names[id(head_mod)], names[id(emb_mod)]
+    linears = {}
+    for name, fmt in lm.int4_layers.items():
+        if name in (head, emb):
+            continue
+        w = modules[name].weight.detach().float().numpy()
+        linears[name.removesuffix(".base")] = _nbits(w, fmt, lm.int4_tables.get(name))
+    low_rank = {n: (m.lowrank_A.weight.detach().float().numpy(), m.lowrank_B.weight.detach().float().numpy())
+                for n, m in modules.items() if hasattr(m, "lowrank_A")}  # fmt: skip
+    w_head = head_mod.weight.detach().float().numpy()
+    w_emb = emb_mod.weight.detach().float().numpy()
+    fmt = lm.int4_layers.get(emb)
+    if fmt is not None:
+        packed, scales, zp = DefaultWeightOnlyQuantizer.quantize_ndarray(w_emb, 1, fmt.block_size, False)
+        embeddings = Table(packed, scales, zp, w_emb.shape, fmt.block_size)
+    else:
+        embeddings = w_emb
+    fmt = lm.int4_layers.get(head)
+    head_table = _nbits(w_head, fmt, lm.int4_tables.get(head)) if fmt is not None else w_head
+    return GenaiWeights(linears, low_rank, head_table, embeddings)
+
+
+def save_plain(lm: LoadedModel, tokenizer, out: Path) -> Path:
+    """The compressed model as a plain Hugging Face folder (grid weights, low-rank wrappers' base Linears, no factors):
+    what onnxruntime-genai's builder reads."""
+    from safetensors.torch import save_file
+
+    model = lm.model
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".lowrank_A." in k or ".lowrank_B." in k:
+            continue
+        state[k.replace(".base.", ".")] = v.detach().float().contiguous().clone()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    out.mkdir(parents=True)
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def genai_graph(lm: LoadedModel, tokenizer, work: Path, out: Path) -> tuple[Path, dict]:
+    """The compressed causal LM in onnxruntime-genai's model-builder graph holding the recipe's tables exactly
+    (``export.genai_graph``): ``out`` gets model.onnx, genai_config.json and the builder's tokenizer files."""
+    t0 = time.perf_counter()
+    fmts = [f for n, f in lm.int4_layers.items() if ".layers." in n] or [None]
+    block, level = (fmts[0].block_size, fmts[0].accuracy_level) if fmts[0] else (32, 4)
+    hf = save_plain(lm, tokenizer, work / "genai-hf")
+    built = build(hf, work / "genai-builder", block, level, work / "genai-cache")
+    metrics = graft(built, genai_weights(lm), out)
+    return out, {
+        "name": "export.genai_graph",
+        "level": "onnx",
+        "params": {},
+        "metrics": {"graph": "onnxruntime-genai model builder (int4, cpu)", **metrics},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 

@@ -139,9 +139,19 @@ def prompts_from(texts: list[str], n: int = 8, words: int = 6) -> list[str]:
     return [" ".join(t.split()[:words]) for t in texts[:n]]
 
 
-def greedy(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, scores: bool = False) -> Any:
-    """Greedy generation of exactly ``new_tokens`` tokens per prompt (EOS does not stop it)."""
+def greedy(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, scores: bool = False,
+           batched: bool = True) -> Any:  # fmt: skip
+    """Greedy generation of exactly ``new_tokens`` tokens per prompt (EOS does not stop it). ``batched=False``: one
+    prompt at a time, no padding (onnxruntime-genai's builder graph reads the attention mask as sequence lengths, so a
+    left-padded batch gets wrong rotary positions; onnxruntime-genai itself does not pad)."""
+    import numpy as np
     import torch
+
+    if not batched:
+        runs = [greedy(model, tokenizer, [p], new_tokens, scores) for p in prompts]
+        if not scores:
+            return np.concatenate(runs)
+        return np.concatenate([r[0] for r in runs]), np.concatenate([r[1] for r in runs])
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, return_token_type_ids=False)
     with torch.inference_mode():
@@ -218,9 +228,10 @@ def check_generation(
     new_tokens: int = 16,
     reference: tuple | None = None,
     gated: bool = True,
+    batched: bool = True,
 ) -> tuple[TokenParity, np.ndarray]:
     """Greedy tokens of the ONNX folder (loaded with optimum) against torch's on the same prompts;
     returns the comparison and the folder's generated ids (prompts x new_tokens)."""
     ref, ref_scores = reference or greedy(torch_model, tokenizer, prompts, new_tokens, scores=True)
-    got = greedy(load_ort(folder, kind), tokenizer, prompts, new_tokens)
+    got = greedy(load_ort(folder, kind), tokenizer, prompts, new_tokens, batched=batched)
     return compare_tokens(ref, got, ref_scores, gated=gated), got

@@ -35,6 +35,27 @@ def op_weight(mod) -> np.ndarray:
     return (w if isinstance(mod, torch.nn.Embedding) else w.T).numpy()
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes holding two 4-bit values (low nibble first) -> float32 values, flattened per leading row."""
+    return np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.float32)
+
+
+def ort_quantize(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4):
+    """ORT's MatMulNBits packing of a (K, N) float weight (``quantize_matmul_4bits`` / ``_8bits``, what
+    ``MatMulNBitsQuantizer`` calls): (packed B (N, blocks, block/(8/bits)), scales (N, blocks), packed zero points)."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    k, n = w_kn.shape
+    kb = (k + block_size - 1) // block_size
+    pack = 8 // bits
+    packed = np.zeros((n, kb, block_size // pack), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    zp = np.zeros((n, (kb + pack - 1) // pack), np.uint8)
+    w = np.ascontiguousarray(w_kn, dtype=np.float32)
+    getattr(ort_c, f"quantize_matmul_{bits}bits")(packed, w, scales, zp, block_size, n, k, symmetric)
+    return packed, scales, zp
+
+
 def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> dict[str, str]:
     """Layer name -> the MatMul / Gather node whose weight initializer is byte-identical to the layer's weight
     as the op sees it ((K, N) for a Linear, (V, H) for an embedding)."""
@@ -50,9 +71,11 @@ def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> di
     return out
 
 
-def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, object]]) -> dict:
+def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, object]],
+              tables: dict[str, tuple] | None = None) -> dict:  # fmt: skip
     """weights_kn: layer name -> (float weight as the op sees it, Int4Format); MatMuls become MatMulNBits,
-    embedding Gathers GatherBlockQuantized (blocks along the hidden dim). Returns counts."""
+    embedding Gathers GatherBlockQuantized (blocks along the hidden dim). ``tables``: layer name -> (packed, scales,
+    zero points or None) a stage chose itself (GPTQ), written over ORT's re-rounding of that layer. Returns counts."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
@@ -78,5 +101,23 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
             )
             quantizer.process()
             current = quantizer.model.model
+    if tables:
+        _write_tables(current, {nodes_of[name]: t for name, t in tables.items()})
     onnx.save(current, str(dst))
     return {"packed_matmuls": sum(len(v) for v in groups.values()), "formats": [vars(f) for f in groups]}
+
+
+def _write_tables(model: onnx.ModelProto, tables: dict[str, tuple]) -> None:
+    """Overwrite the MatMulNBits that MatMulNBitsQuantizer made of each MatMul node (named NODE_Q4) with the given
+    (packed, scales, zero points) table."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    for matmul, (packed, scales, zp) in tables.items():
+        node = nodes.get(f"{matmul}_Q4")
+        if node is None or (zp is None) != (len(node.input) < 4 or not node.input[3]):
+            raise ValueError(f"int4 packing: no MatMulNBits of the same kind for {matmul}'s own table")
+        for name, arr in zip(node.input[1:4], (packed, scales.reshape(-1), None if zp is None else zp.reshape(-1))):
+            if arr is not None:
+                if int(np.prod(inits[name].dims)) != arr.size:
+                    raise ValueError(f"int4 packing: {matmul}'s table does not fit {name} {list(inits[name].dims)}")
+                inits[name].CopyFrom(numpy_helper.from_array(arr.reshape(tuple(inits[name].dims)), name))

@@ -80,10 +80,19 @@ class GenLatency:
     caveats: list[str] = field(default_factory=list)
 
 
-def _past_shape(inp, batch: int, past_len: int) -> tuple[int, ...]:
-    """An empty/placeholder past tensor shape: (batch, heads, past_len, head_dim) with the graph's fixed dims."""
+def _past_shape(inp, batch: int, past_len: int, config: dict | None = None) -> tuple[int, ...]:
+    """An empty/placeholder past tensor shape: (batch, heads, past_len, head_dim) with the graph's fixed dims; a
+    symbolic head count / head size (onnxruntime-genai's builder names the last one kv_cache_dim) from the model's
+    config.json."""
+    config = config or {}
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (config["hidden_size"] // config["num_attention_heads"] if heads else None)
+    fill = {0: batch, 1: heads, 2: past_len, 3: head_dim}
     dims = [d if isinstance(d, int) else None for d in inp.shape]
-    return tuple(batch if i == 0 else past_len if d is None else d for i, d in enumerate(dims))
+    shape = tuple(fill[i] if i in (0, 2) or d is None else d for i, d in enumerate(dims))
+    if any(d is None for d in shape):
+        raise ValueError(f"{inp.name}: symbolic dims {inp.shape} and no config.json to size them")
+    return shape
 
 
 class OrtGenerator:
@@ -141,7 +150,8 @@ class OrtGenerator:
             }
             for inp in sess.get_inputs():
                 if inp.name.startswith("past_key_values"):
-                    state[inp.name] = np.zeros(_past_shape(inp, batch, 0), dtype=ORT_DTYPES.get(inp.type, np.float32))
+                    shape = _past_shape(inp, batch, 0, self.config)
+                    state[inp.name] = np.zeros(shape, dtype=ORT_DTYPES.get(inp.type, np.float32))
             t0 = time.perf_counter()
             out[:, 0] = self._run("model", state)[:, -1].argmax(-1)
             ttft = time.perf_counter() - t0
@@ -177,6 +187,8 @@ class PrefillLogits:
         self.threads = threads or host_info().physical_cores
         self.session = cpu_session(path, self.threads)
         self.inputs = self.session.get_inputs()
+        config = path.parent / "config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         seq = len(ids)
@@ -188,7 +200,9 @@ class PrefillLogits:
         feeds = {}
         for inp in self.inputs:
             if inp.name.startswith("past_key_values"):
-                feeds[inp.name] = np.zeros(_past_shape(inp, 1, 0), dtype=ORT_DTYPES.get(inp.type, np.float32))
+                feeds[inp.name] = np.zeros(
+                    _past_shape(inp, 1, 0, self.config), dtype=ORT_DTYPES.get(inp.type, np.float32)
+                )
             elif inp.name in state:
                 feeds[inp.name] = state[inp.name]
             else:

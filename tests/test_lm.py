@@ -13,6 +13,7 @@ from compress.cli import main
 from compress.core.errors import CompressError
 from compress.core.lm_eval import next_token_fidelity, perplexity, reference_logprobs, sentences_of, token_chunks
 from compress.core.onnx_ops import quantized_counts
+from compress.recipe import shipped_recipes
 
 FAST = ["--runs", "1", "--shapes", "1x16", "--new-tokens", "4"]
 
@@ -250,3 +251,100 @@ def test_int4_eora_restores_a_q4_1_source_exactly(tiny_lm, tmp_path):
     a, b = offset_factors(block_offsets(dw, 32), 32)
     assert a.shape == (4, 128) and np.allclose(b @ a, dw, atol=1e-12)
     assert block_offsets(dw + rng.standard_normal(dw.shape) * 1e-3, 32) is None
+
+
+def test_int4_eora_in_the_genai_builder_graph_holds_the_same_numbers(tiny_lm, tmp_path):
+    """export = "genai": onnxruntime-genai's builder graph (GroupQueryAttention, fused norms, packed QKV) holding the
+    recipe's tables bit for bit and the exact offsets as branches: it scores like the same recipe in optimum's graph
+    and onnxruntime-genai generates from the folder as it is."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoTokenizer
+
+    from compress.core.data import shipped_sentences
+    from runtimes.generative import PrefillLogits
+
+    q41 = _snap_to_q4_1(tiny_lm, tmp_path / "q41")
+    # the shipped recipe with lowrank.eora on every decoder Linear (it skips o_proj), as lm-int4-eora below
+    text = shipped_recipes()["lm-int4-eora-genai"].read_text()
+    recipe = tmp_path / "genai.toml"
+    recipe.write_text("\n".join(line for line in text.splitlines() if not line.startswith("layers = ")))
+    report, _ = _run(q41, tmp_path / "genai", recipe)
+    # the same stages in optimum's graph (the GPTQ head's own table written over ORT's re-rounding there too)
+    optimum, _ = _run(q41, tmp_path / "optimum", "lm-int4-eora", "--set", "lm_head=int4", "--set", "method=gptq")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"} <= ops
+    graft = next(s for s in report["stages"] if s["name"] == "export.genai_graph")["metrics"]
+    # 2 x (qkv, o, gate, up, down) + head; every decoder MatMulNBits takes its exact offsets as extra K rows
+    assert graft["matmulnbits"] == 11 and graft["offsets_as_extra_k"] == 10 and graft["low_rank_branches"] == 0
+    assert json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["type"] == "llama"
+    # the same numbers in both graphs: next-token distributions agree far inside the recipe's own error
+    chunks = token_chunks(AutoTokenizer.from_pretrained(q41), shipped_sentences()[:60], 2, 64)
+    ref = reference_logprobs(PrefillLogits(tmp_path / "optimum" / "model.onnx"), chunks)
+    kl = next_token_fidelity(ref, PrefillLogits(tmp_path / "genai" / "model.onnx"), chunks)["kl"]
+    assert kl < 0.1 * _eval(optimum, "fidelity")["kl"] + 1e-5, (kl, _eval(optimum, "fidelity")["kl"])
+    assert abs(_eval(report, "ppl")["rise_percent"] - _eval(optimum, "ppl")["rise_percent"]) < 0.5
+    model = og.Model(str(tmp_path / "genai"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([[1, 5, 9, 13]], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == 12
+
+
+def test_gptq_tables_run_exactly_in_matmulnbits_and_beat_rtn(tiny_lm, tmp_path):
+    """GPTQ's own table (codes, scales, zero points) is what MatMulNBits computes with, bit for bit, and on the tiny
+    LM (every Linear int4, the head too) it is closer to the float model than round-to-nearest."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.stages.gptq import gptq
+    from compress.stages.grids import int4_weight
+
+    rng = np.random.default_rng(0)
+    for symmetric in (False, True):
+        w = rng.standard_normal((40, 96)).astype(np.float32)
+        x = (rng.standard_normal((400, 96)) @ rng.standard_normal((96, 96)) * 0.3).astype(np.float32)
+        h = x.T.astype(np.float64) @ x / len(x)
+        t = gptq(w, h, 32, symmetric)
+        inits = [numpy_helper.from_array(t.packed, "B"), numpy_helper.from_array(t.scales.reshape(-1), "S")]
+        if t.zero_points is not None:
+            inits.append(numpy_helper.from_array(t.zero_points.reshape(-1), "Z"))
+        node = helper.make_node("MatMulNBits", ["x"] + [i.name for i in inits], ["y"], domain="com.microsoft",
+                                K=96, N=40, bits=4, block_size=32, accuracy_level=0)  # fmt: skip
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 96])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])], inits)  # fmt: skip
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        )
+        y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x[:16]})[0]
+        assert np.abs(y - x[:16] @ t.weight.T).max() < 1e-4
+        err = lambda q: np.trace((w - q) @ h @ (w - q).T)
+        assert err(t.weight) < 0.9 * err(int4_weight(torch.from_numpy(w), 32, symmetric).numpy())
+    kl = {}
+    for method in ("rtn", "gptq"):
+        report, _ = _run(tiny_lm, tmp_path / method, "lm-int4", "--set", "lm_head=int4", "--set", f"method={method}")
+        kl[method] = _eval(report, "fidelity")["kl"]
+        layers = next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]
+        assert layers["gptq_layers"] == (15 if method == "gptq" else 0)  # 14 decoder Linears + the head
+    assert kl["gptq"] < kl["rtn"], kl
+
+
+def test_calibrated_eora_branches_survive_in_the_genai_graph(tiny_lm, tmp_path):
+    """A source that is not on a 16-level grid gets calibrated EoRA: in the builder's graph each factor pair is a
+    branch beside its MatMulNBits (A stacked per packed QKV, B block-diagonal, 8-bit), and it still scores inside the
+    gate, closer to the float model than the same int4 without EoRA."""
+    pytest.importorskip("onnxruntime_genai")
+    report, _ = _run(tiny_lm, tmp_path / "eora", "lm-int4-eora-genai", "--set", "rank=8")
+    graft = next(s for s in report["stages"] if s["name"] == "export.genai_graph")["metrics"]
+    assert graft["low_rank_branches"] == 8 and graft["offsets_as_extra_k"] == 0  # qkv, gate, up, down x 2 blocks
+    names = [n.name for n in onnx.load(str(tmp_path / "eora" / "model.onnx")).graph.node]
+    assert sum(n.endswith("lowrank_B") for n in names) == 8
+    text = shipped_recipes()["lm-int4-eora-genai"].read_text()
+    no_eora = tmp_path / "no-eora.toml"
+    no_eora.write_text(text[: text.index('[[stages]]\ntype = "lowrank.eora"')])
+    plain, _ = _run(tiny_lm, tmp_path / "plain", no_eora)
+    assert _eval(report, "fidelity")["kl"] < _eval(plain, "fidelity")["kl"], (report["eval"], plain["eval"])
+    assert abs(_eval(report, "ppl")["rise_percent"]) < 10

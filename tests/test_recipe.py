@@ -56,3 +56,18 @@ def test_recipe_from_a_user_file(tmp_path):
     r = load_recipe(str(p))
     assert r.name == "mine" and r.stages[0].config.per_channel is False
     assert r.as_dict()["stages"][0]["params"]["per_channel"] is False
+
+
+def test_genai_export_is_for_causal_lms_and_torch_stages_only(tmp_path):
+    from compress.recipe import check_applicable
+    from profiles import load_profile
+
+    bad = {"export": "genai", "stages": [{"type": "quant.int4"}, {"type": "quant.dynamic"}]}
+    with pytest.raises(CompressError, match="torch-level stages only"):
+        parse_recipe(bad, "x", "x.toml")
+    with pytest.raises(CompressError, match="must be one of optimum, genai"):
+        parse_recipe({"export": "tflite", "stages": []}, "x", "x.toml")
+    recipe = load_recipe("lm-int4-eora-genai")
+    assert recipe.export == "genai" and recipe.as_dict()["export"] == "genai"
+    with pytest.raises(CompressError, match="for causal LMs only"):
+        check_applicable(recipe, "encoder", load_profile("cpu"))

@@ -55,6 +55,9 @@ class LoadedModel:
     # Linear layers whose weights a stage put on an int4 grid: module name -> Int4Format. The exporter packs
     # exactly these into MatMulNBits after the float export (compress.stages.int4).
     int4_layers: dict = field(default_factory=dict)
+    # Layers whose MatMulNBits table a stage chose itself (GPTQ: codes, scales, zero points that re-rounding the
+    # dequantized weight would not reproduce): module name -> compress.stages.gptq.GptqTable; packed as they are.
+    int4_tables: dict = field(default_factory=dict)
     # Blocks a depth-pruning stage kept, as indices into the original's blocks (empty: all of them, in order). The
     # recovery's intermediate-layer distillation maps each kept block to the original's hidden states with it.
     kept_blocks: tuple[int, ...] = ()

@@ -40,8 +40,8 @@ from compress.core.models import LoadedModel, generative_task, resolve_path
 from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, versions
 from compress.stages import OnnxContext, Scorer
-from compress.steps import Run, apply_onnx_stages, apply_torch_stages, pack_int4_layers, target_section
-from export.genai import write_genai_config
+from compress.steps import Run, apply_onnx_stages, apply_torch_stages, genai_graph, pack_int4_layers, target_section
+from export.genai import GENAI_CONFIG, write_genai_config
 from export.generative import check_generation, export_generative, greedy, load_torch, prompts_from
 from export.onnx_export import copy_app_files
 from profiles import DeviceProfile
@@ -188,6 +188,14 @@ class GenerativeFlow:
         if not cfg.max_ppl_rise >= 0:
             raise CompressError(f"--max-ppl-rise {cfg.max_ppl_rise:g} must be >= 0 (percent of the float perplexity)")
         config = json.loads((resolve_path(cfg.model) / "config.json").read_text())
+        if run.recipe.export == "genai":
+            import importlib.util
+
+            if importlib.util.find_spec("onnxruntime_genai") is None:
+                raise CompressError(
+                    f'recipe {run.recipe.name} exports with onnxruntime-genai\'s model builder (export = "genai"): '
+                    'pip install "onnxruntime-genai>=0.18" (in the [lm] extra)'
+                )
         check_lengths(
             config, gen_profile_config(cfg.latency.shapes, cfg.latency.runs, cfg.latency.threads, cfg.new_tokens)
         )
@@ -238,7 +246,13 @@ class GenerativeFlow:
             parity["compressed_float_export"] = parity_float.as_dict()
         n_compressed = sum(p.numel() for p in lm.model.parameters())
         current = {f.name: f for f in files}
-        if lm.int4_layers:
+        genai_dir = None
+        if run.recipe.export == "genai":
+            progress("building onnxruntime-genai's decoder graph (its model builder) holding the recipe's tables")
+            genai_dir, report = genai_graph(lm, tokenizer, work, work / "genai")
+            stage_reports.append(dict(report, file="model.onnx"))
+            current = {"model.onnx": genai_dir / "model.onnx"}
+        elif lm.int4_layers:
             progress(f"packing {len(lm.int4_layers)} layers into MatMulNBits / GatherBlockQuantized")
             (work / "packed").mkdir()
             current["model.onnx"], report = pack_int4_layers(lm, current["model.onnx"], work / "packed")
@@ -258,12 +272,16 @@ class GenerativeFlow:
             stage_reports += [dict(r, file=name) for r in reports]
             shutil.copy2(out, staging / name)
         copy_app_files(source_dir, staging)
-        extra = [write_genai_config(staging).name] if kind == "text-generation" else []  # onnxruntime-genai
+        if genai_dir is not None:  # the builder's own config (its graph's inputs, shared KV buffer)
+            shutil.copy2(genai_dir / GENAI_CONFIG, staging / GENAI_CONFIG)
+            extra = [GENAI_CONFIG]
+        else:
+            extra = [write_genai_config(staging).name] if kind == "text-generation" else []  # onnxruntime-genai
 
         progress("the artefact generates (optimum ORTModelFor*): greedy tokens vs torch")
         exact = not run.recipe.stages
         parity_final, generated = check_generation(
-            model, tokenizer, staging, kind, prompts, PARITY_TOKENS, reference, gated=exact
+            model, tokenizer, staging, kind, prompts, PARITY_TOKENS, reference, gated=exact, batched=genai_dir is None
         )
         if not parity_final.passed:
             raise CompressError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from compress.stages.base import StageError
+from export.int4_pack import ort_quantize, unpack_nibbles
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
@@ -20,27 +21,6 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 def check_block_size(stage: str, block_size: int) -> None:
     if block_size not in BLOCK_SIZES:
         raise StageError(f"{stage}: block_size={block_size} must be one of {', '.join(map(str, BLOCK_SIZES))}")
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """uint8 bytes holding two 4-bit values (low nibble first) -> float32 values, flattened per leading row."""
-    return np.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.float32)
-
-
-def ort_quantize(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4):
-    """ORT's MatMulNBits packing of a (K, N) float weight (``quantize_matmul_4bits`` / ``_8bits``, what
-    ``MatMulNBitsQuantizer`` calls): (packed B (N, blocks, block/(8/bits)), scales (N, blocks), packed zero points)."""
-    from onnxruntime.capi import _pybind_state as ort_c
-
-    k, n = w_kn.shape
-    kb = (k + block_size - 1) // block_size
-    pack = 8 // bits
-    packed = np.zeros((n, kb, block_size // pack), np.uint8)
-    scales = np.zeros((n, kb), np.float32)
-    zp = np.zeros((n, (kb + pack - 1) // pack), np.uint8)
-    w = np.ascontiguousarray(w_kn, dtype=np.float32)
-    getattr(ort_c, f"quantize_matmul_{bits}bits")(packed, w, scales, zp, block_size, n, k, symmetric)
-    return packed, scales, zp
 
 
 def ort_int4_roundtrip(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int = 4) -> np.ndarray:

@@ -27,6 +27,7 @@ import numpy as np
 
 from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
+from compress.stages.gptq import gptq
 from compress.stages.grids import (
     check_block_size,
     int4_table,
@@ -34,6 +35,7 @@ from compress.stages.grids import (
     ort_int4_roundtrip,
     source_grid_weight,
 )
+from compress.stages.lowrank import input_covariances
 
 __all__ = ["Int4Format", "Int4Quant", "apply_int4", "ort_int4_roundtrip", "untie"]
 
@@ -56,11 +58,20 @@ class Int4Quant:
     layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
     lm_head: str = "float"  # language models: float | int8 | int4
     embeddings: str = "float"  # language models: float | int4 (GatherBlockQuantized)
+    # rtn: round to nearest; gptq: GPTQ on the 4-bit layers (compress.stages.gptq), Hessians from the calibration
+    # text through the float model (one pass; a layer on a source grid keeps it, embeddings and 8-bit heads stay RTN)
+    method: str = "rtn"
+    calibration_samples: int = 64  # gptq: calibration texts (LMs: packed token windows)
+    damp: float = 0.01  # gptq: Hessian dampening, a share of its mean diagonal
 
     def __post_init__(self) -> None:
         check_block_size("quant.int4", self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise StageError(f"quant.int4: accuracy_level={self.accuracy_level} must be 0..4")
+        if self.method not in ("rtn", "gptq") or self.calibration_samples < 1 or not 0 < self.damp < 1:
+            raise StageError(
+                f"quant.int4: method='{self.method}' must be rtn or gptq, calibration_samples >= 1, damp in (0, 1)"
+            )
         if self.lm_head not in HEADS or self.embeddings not in ("float", "int4"):
             raise StageError(
                 f"quant.int4: lm_head='{self.lm_head}' must be one of {', '.join(HEADS)} and "
@@ -115,18 +126,30 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     targets = {name: (mod, fmt, lambda w: int4_weight(w, cfg.block_size, cfg.symmetric)) for name, mod in
                layers.items() if name not in extra and mod.in_features % 2 == 0}  # fmt: skip
     targets.update(extra)
-    per_layer, formats, on_grid = [], {}, 0
+    sources = {name: None if name in extra else source_grid_weight(mod.weight.detach().float(), cfg.block_size)
+               for name, (mod, _, _) in targets.items()}  # fmt: skip
+    gptq_layers = [n for n, (m, f, _) in targets.items() if cfg.method == "gptq" and f.bits == 4 and
+                   isinstance(m, torch.nn.Linear) and not (sources[n] is not None and not cfg.symmetric)]  # fmt: skip
+    hessians = (
+        input_covariances(lm, gptq_layers, list(ctx.calibration[: cfg.calibration_samples])) if gptq_layers else {}
+    )
+    per_layer, formats, tables, on_grid = [], {}, {}, 0
     with torch.no_grad():
         for name, (mod, f, grid) in targets.items():
             w = mod.weight.detach().float()
-            source = None if name in extra else source_grid_weight(w, cfg.block_size)
+            source = sources[name]
             on_grid += source is not None
-            wq = source if source is not None and not cfg.symmetric else grid(w)
+            if name in hessians:
+                tables[name] = gptq(w.numpy(), hessians[name], f.block_size, f.symmetric, cfg.damp)
+                wq = torch.from_numpy(tables[name].weight)
+            else:
+                wq = source if source is not None and not cfg.symmetric else grid(w)
             err = float((w - wq).norm() / w.norm())
             mod.weight.copy_(wq.to(mod.weight.dtype))
             formats[name] = f
-            per_layer.append({"layer": name, "bits": f.bits, "relative_error": round(err, 5)})
-    lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **formats})
+            per_layer.append({"layer": name, "bits": f.bits, "relative_error": round(err, 5),
+                              "method": "gptq" if name in tables else "source grid" if source is not None else "rtn"})  # fmt: skip
+    lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **formats}, int4_tables={**lm.int4_tables, **tables})
     errs = [r["relative_error"] for r in per_layer]
     metrics = {
         "layers": len(per_layer),
@@ -135,6 +158,8 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
         "embeddings": cfg.embeddings,
         "mean_relative_error": round(float(np.mean(errs)), 5),
         "source_grid_layers": on_grid,
+        "method": cfg.method,
+        "gptq_layers": len(tables),
         "per_layer": per_layer,
     }
     if on_grid and cfg.symmetric:

@@ -154,7 +154,7 @@ def _input_groups(lm, names: list[str], texts: list[str]) -> list[list[str]]:
     return groups
 
 
-def _input_covariances(lm, names: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+def input_covariances(lm, names: list[str], texts: list[str]) -> dict[str, np.ndarray]:
     """E[x xᵀ] of each named Linear's input over all calibration tokens (float64), in one forward pass."""
     import torch
 
@@ -293,12 +293,14 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
         if stream is not None and stream.block_of(group[0]) is not None and stream.block_of(group[0]) >= stream.index:
             covs = stream.covariances(lm, group)
         else:
-            covs = _input_covariances(lm, group, texts)
+            covs = input_covariances(lm, group, texts)
         for name in group:
             per_layer.append(_compensate_layer(lm, name, covs[name], originals[name], cfg, whiten))
     for name in targets:  # int4 packing follows the weight into its new module
         if name in lm.int4_layers and any(r.get("layer") == name and "rank" in r for r in per_layer):
             lm.int4_layers[f"{name}.base"] = lm.int4_layers.pop(name)
+            if name in lm.int4_tables:
+                lm.int4_tables[f"{name}.base"] = lm.int4_tables.pop(name)
     done = [r for r in per_layer if "rank" in r and "exact" not in r]
     mean = lambda key: round(float(np.mean([r[key] for r in done])), 5) if done else None
     return lm, {
