@@ -63,6 +63,9 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
 
 BUILDER_TIMEOUT_S = 1800
+# model_type values whose builder graph this module maps back to Hugging Face Linears (self_attn.{q,k,v,o}_proj packed
+# as qkv_proj, mlp.{gate,up,down}_proj, lm_head); anything else is refused before any work
+ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)

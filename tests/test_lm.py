@@ -348,3 +348,13 @@ def test_calibrated_eora_branches_survive_in_the_genai_graph(tiny_lm, tmp_path):
     plain, _ = _run(tiny_lm, tmp_path / "plain", no_eora)
     assert _eval(report, "fidelity")["kl"] < _eval(plain, "fidelity")["kl"], (report["eval"], plain["eval"])
     assert abs(_eval(report, "ppl")["rise_percent"]) < 10
+
+
+def test_genai_export_refuses_an_unmapped_architecture_before_any_work(tmp_path):
+    from compress import random_lm
+
+    gpt2 = tmp_path / "gpt2"
+    random_lm.save("gpt2-tiny", gpt2)
+    res = CliRunner().invoke(main, ["run", str(gpt2), "--recipe", "lm-int4-eora-genai", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "not 'gpt2': use lm-int4-eora" in res.output, res.output
+    assert not (tmp_path / "o").exists()

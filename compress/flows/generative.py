@@ -42,6 +42,7 @@ from compress.report import markdown_head, versions
 from compress.stages import OnnxContext, Scorer
 from compress.steps import Run, apply_onnx_stages, apply_torch_stages, genai_graph, pack_int4_layers, target_section
 from export.genai import GENAI_CONFIG, write_genai_config
+from export.genai_graph import ARCHITECTURES
 from export.generative import check_generation, export_generative, greedy, load_torch, prompts_from
 from export.onnx_export import copy_app_files
 from profiles import DeviceProfile
@@ -191,6 +192,11 @@ class GenerativeFlow:
         if run.recipe.export == "genai":
             import importlib.util
 
+            if config.get("model_type") not in ARCHITECTURES:
+                raise CompressError(
+                    f'recipe {run.recipe.name} exports onnxruntime-genai\'s builder graph (export = "genai"), mapped '
+                    f"for {', '.join(ARCHITECTURES)} decoders, not {config.get('model_type')!r}: use lm-int4-eora"
+                )
             if importlib.util.find_spec("onnxruntime_genai") is None:
                 raise CompressError(
                     f'recipe {run.recipe.name} exports with onnxruntime-genai\'s model builder (export = "genai"): '
