@@ -130,6 +130,11 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
                for name, (mod, _, _) in targets.items()}  # fmt: skip
     gptq_layers = [n for n, (m, f, _) in targets.items() if cfg.method == "gptq" and f.bits == 4 and
                    isinstance(m, torch.nn.Linear) and not (sources[n] is not None and not cfg.symmetric)]  # fmt: skip
+    progress = ctx.progress or (lambda msg: None)
+    if gptq_layers:
+        progress(
+            f"  gptq: input Hessians of {len(gptq_layers)} layer(s) from {cfg.calibration_samples} calibration texts"
+        )
     hessians = (
         input_covariances(lm, gptq_layers, list(ctx.calibration[: cfg.calibration_samples])) if gptq_layers else {}
     )
@@ -141,6 +146,8 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
             on_grid += source is not None
             if name in hessians:
                 tables[name] = gptq(w.numpy(), hessians[name], f.block_size, f.symmetric, cfg.damp)
+                if len(tables) % max(len(hessians) // 5, 1) == 0 or len(tables) == len(hessians):
+                    progress(f"  gptq: {len(tables)}/{len(hessians)} layers")
                 wq = torch.from_numpy(tables[name].weight)
             else:
                 wq = source if source is not None and not cfg.symmetric else grid(w)
