@@ -6,7 +6,7 @@
 Three variants in one interleaved plain-ORT loop (benchmarks/lm.py's OrtDecoder: 32-token prompt, 64 greedy tokens,
 medians, 0.1 s pause before each generation, under /tmp/edge-bench.lock): the builder's own int4 model, a
 ``compress run --recipe lm-int4-eora-genai`` artefact (offsets as extra K rows), and the same artefact with the K rows
-and the block-sum nodes stripped (the rounded zero point only: what the offsets cost, at the perplexity of
+and the block-mean nodes stripped (the rounded zero point only: what the offsets cost, at the perplexity of
 no offsets). Writes benchmarks/results/lm_offset_cost.{json,md}.
 """
 
@@ -38,18 +38,17 @@ def strip_offsets(src: Path, dst: Path) -> Path:
     inits = {t.name: t for t in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     for n in g.node:
-        if n.op_type != "MatMulNBits" or "with_block_sums" not in n.input[0]:
+        if n.op_type != "MatMulNBits" or "with_block_means" not in n.input[0]:
             continue
         concat = producer[n.input[0]]
         attrs = {a.name: a for a in n.attribute}
         bs, n_out = attrs["block_size"].i, attrs["N"].i
-        blocks = numpy_helper.to_array(inits[producer[producer[concat.input[1]].input[0]].input[1]])[2]  # reshape
-        k_orig = int(blocks) * bs
+        k_orig = attrs["K"].i * bs // (bs + 1)  # K = k + k / block
+        blocks = k_orig // bs
         attrs["K"].i = k_orig
         n.input[0] = concat.input[0]
         cut = {1: lambda t: t[:, :blocks], 2: lambda t: t.reshape(n_out, -1)[:, :blocks].reshape(-1),
                3: lambda t: t.reshape(n_out, -1)[:, : blocks // 2].reshape(-1)}  # fmt: skip
-        blocks = int(blocks)
         for i, f in cut.items():
             if i < len(n.input) and n.input[i]:
                 inits[n.input[i]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(

@@ -5,7 +5,7 @@ decoder graph (GroupQueryAttention over a shared KV buffer, SkipSimplifiedLayerN
 QKV MatMulNBits) and its ``genai_config.json``. The builder rounds the float weights it is given itself; here every
 MatMulNBits then gets the tables the recipe chose for the same Linear (``NBits``: codes, scales and zero points exactly
 as ORT packs them, so the recipe's grid is kept bit for bit), exact block offsets (a GGUF Q4_1 source's) as extra K
-rows of the same MatMulNBits reading [x, block sums of x], calibrated low-rank factors (``y += (x A^T) B^T``) as one
+rows of the same MatMulNBits reading [x, block means of x], calibrated low-rank factors (``y += (x A^T) B^T``) as one
 thin float MatMul per distinct (input, A) plus an 8-bit MatMulNBits for B added to the output, and the LM head and
 token embedding table on the recipe's grid (or float). Everything else (norms,
 rotary caches, attention) is the builder's. Measured on smollm2 (README, Language models): the same weights decode
@@ -161,8 +161,9 @@ def _branch(factors: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, n
 
 def _offset_rows(a: np.ndarray, b: np.ndarray, table: NBits) -> NBits | None:
     """Exact block offsets (A sums each block of ``table.block_size`` inputs: a GGUF Q4_1 source's per-block float
-    offsets, ``lowrank.offset_factors``) as extra K rows of the same table: B's k / block rows as one more (partial)
-    block on the table's own 4-bit grid (smollm2: ~0.5% relative error on the offsets). None when A is anything else or the
+    offsets, ``lowrank.offset_factors``) as extra K rows of the same table, read against the input's block means: B's
+    k / block rows times the block size, as one more (partial) block on the table's own 4-bit grid (smollm2: ~0.5%
+    relative error on the offsets). None when A is anything else or the
     table's zero points would not align."""
     from export.int4_pack import ort_quantize
 
@@ -172,7 +173,8 @@ def _offset_rows(a: np.ndarray, b: np.ndarray, table: NBits) -> NBits | None:
         return None
     if table.zero_points is not None and n_blocks % 2:
         return None  # the extra blocks' zero points would start mid-byte
-    rows = np.asarray(b, np.float32)  # r rows: MatMulNBits pads the last block itself (K need not fill it)
+    # r rows, x block size: they multiply block means (AveragePool); MatMulNBits pads the last block itself
+    rows = np.asarray(b, np.float32) * bs
     packed, scales, zp = ort_quantize(rows, bs, table.zero_points is None, 4)
     return NBits(np.concatenate([table.packed, packed], 1), np.concatenate([table.scales, scales], 1),
                  None if table.zero_points is None else np.concatenate([table.zero_points, zp], 1), 4, bs,
@@ -227,10 +229,10 @@ class _Graft:
             raise CompressError(f"export genai: {n.name} packs Linears with and without low-rank branches")
         a, b = _branch(factors) if factors else (None, None)  # a (K, r), b (r, N)
         extended = _offset_rows(a, b, table) if factors else None
-        if extended is not None:  # [x, block sums of x] @ [W; offsets]: three small nodes per distinct input, shared
+        if extended is not None:  # [x, block means] @ [W; block x offsets]: two small nodes per distinct input, shared
             k, bs = a.shape[0], table.block_size
             width = k + a.shape[1]
-            n.input[0] = self._once(n, (n.input[0], "block_sums", width), lambda: self._block_sums(n, k, width, bs))
+            n.input[0] = self._once(n, (n.input[0], "block_means", width), lambda: self._block_means(n, k, width, bs))
             next(at for at in n.attribute if at.name == "K").i = width
             table, factors = extended, []
             self.counts["offsets_as_extra_k"] += 1
@@ -246,20 +248,18 @@ class _Graft:
         if factors:
             self._branch(n, a, b, table.accuracy_level, prefix)
 
-    def _block_sums(self, n, k: int, width: int, block: int) -> tuple[str, list]:
-        """[x, its block sums]: x viewed as (..., k / block, block), summed over the last axis, concatenated. (Measured
-        on smollm2: 2-4% faster decode than the same sums by an indicator MatMul padded to a whole block.)"""
+    def _block_means(self, n, k: int, width: int, block: int) -> tuple[str, list]:
+        """[x, its block means]: one AveragePool over the last axis (kernel = stride = the block) and a Concat; the
+        offsets rows carry the block size (``_offset_rows``). Of the three forms tried on smollm2 (an indicator
+        MatMul, Reshape + ReduceSum, this) the fastest in interleaved decode loops (README, Language models)."""
         from onnx import helper
 
         x, name = n.input[0], f"genai_graft/{n.name.strip('/').replace('/', '.')}"
-        shape = self.put(name + ".blocks_shape", np.array([0, 0, k // block, block], np.int64))
-        axes = self.put(name + ".sum_axes", np.array([-1], np.int64))
-        sums, joined = f"{name}/block_sums/output_0", f"{name}/with_block_sums/output_0"
+        means, joined = f"{name}/block_means/output_0", f"{name}/with_block_means/output_0"
         return joined, [
-            helper.make_node("Reshape", [x, shape], [f"{name}/blocks/output_0"], name=f"{name}/blocks"),
-            helper.make_node("ReduceSum", [f"{name}/blocks/output_0", axes], [sums], name=f"{name}/block_sums",
-                             keepdims=0),
-            helper.make_node("Concat", [x, sums], [joined], name=f"{name}/with_block_sums", axis=-1),
+            helper.make_node("AveragePool", [x], [means], name=f"{name}/block_means", kernel_shape=[block],
+                             strides=[block]),
+            helper.make_node("Concat", [x, means], [joined], name=f"{name}/with_block_means", axis=-1),
         ]  # fmt: skip
 
     def _branch(self, n, a: np.ndarray, b: np.ndarray, accuracy_level: int, prefix: str) -> None:
