@@ -358,3 +358,12 @@ def test_genai_export_refuses_an_unmapped_architecture_before_any_work(tmp_path)
     res = CliRunner().invoke(main, ["run", str(gpt2), "--recipe", "lm-int4-eora-genai", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "not 'gpt2': use lm-int4-eora" in res.output, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_int8_in_the_genai_graph_is_8bit_everywhere_and_inside_the_gate(tiny_lm, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    report, _ = _run(tiny_lm, tmp_path / "i8", "lm-int8-genai")
+    assert _nbits(tmp_path / "i8" / "model.onnx") == {8: 11}  # 2 x (qkv, o, gate, up, down) + head
+    int4 = next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]
+    assert {r["bits"] for r in int4["per_layer"] if "layers." in r["layer"]} == {8}
+    assert abs(_eval(report, "ppl")["rise_percent"]) < 1 and _eval(report, "fidelity")["kl"] < 0.01

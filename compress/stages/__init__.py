@@ -26,7 +26,8 @@ _STAGES = (
     # torch level: run on the loaded model before export
     StageType("quant.int4", "torch", Int4Quant, apply_int4,
               "int4 weight-only RTN, block-wise, on ORT's MatMulNBits grid (packed at export)",
-              precisions=lambda cfg: ("int4-weights",) + (("int8-weights",) if cfg.lm_head == "int8" else ()),
+              precisions=lambda cfg: ("int4-weights" if cfg.bits == 4 else "int8-weights",)
+              + (("int8-weights",) if cfg.lm_head == "int8" else ()),
               kinds=LM, compresses=True),
     StageType("prune.gradual", "torch", GradualPrune, apply_gradual, "gradual magnitude pruning (cubic schedule), "
               "unstructured / FFN channel / head, recovered by distillation", needs=frozenset({"original"}),

@@ -5,7 +5,8 @@ The weights are put on ONNX Runtime's own MatMulNBits grid: quantized with ORT's
 dequantized back into the torch model, so a following stage (``lowrank.eora``) sees the exact error and
 the exporter packs the same numbers into ``MatMulNBits`` (``export.int4_pack``), a lossless re-quantization. The grid itself: ``compress.stages.grids``.
 
-Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
+``bits = 8`` puts the layers on MatMulNBits' 8-bit grid instead (round to nearest; a source grid is not kept, GPTQ
+is 4-bit only). Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
 projections), and the LM head and the token embeddings have their own settings: ``lm_head`` float | int8 (8-bit
 MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int4 (GatherBlockQuantized, blocks along the
 hidden dimension, asymmetric: ORT's ``DefaultWeightOnlyQuantizer`` grid). A tied head and embedding are untied
@@ -53,6 +54,7 @@ class Int4Format:
 @dataclass(frozen=True)
 class Int4Quant:
     block_size: int = 32  # weights per scale along the input dimension (16, 32, 64, 128, 256)
+    bits: int = 4  # the layers' width: 4, or 8 (8-bit MatMulNBits: onnxruntime-genai's int8; no source-grid keeping)
     symmetric: bool = False  # asymmetric uint4 + zero point (ORT's default); some NPUs need symmetric
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86 CPUs), 0 = fp32
     layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
@@ -68,6 +70,8 @@ class Int4Quant:
         check_block_size("quant.int4", self.block_size)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise StageError(f"quant.int4: accuracy_level={self.accuracy_level} must be 0..4")
+        if self.bits not in (4, 8):
+            raise StageError(f"quant.int4: bits={self.bits} must be 4 or 8")
         if self.method not in ("rtn", "gptq") or self.calibration_samples < 1 or not 0 < self.damp < 1:
             raise StageError(
                 f"quant.int4: method='{self.method}' must be rtn or gptq, calibration_samples >= 1, damp in (0, 1)"
@@ -121,12 +125,14 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     layers = linear_layers(lm, patterns)
     if not layers:
         raise StageError(f"quant.int4: no nn.Linear matches {list(patterns)}: set layers to patterns of module names")
-    fmt = Int4Format(cfg.block_size, cfg.symmetric, cfg.accuracy_level)
+    fmt = Int4Format(cfg.block_size, cfg.symmetric, cfg.accuracy_level, cfg.bits)
     extra = _head_and_embeddings(cfg, lm)
-    targets = {name: (mod, fmt, lambda w: int4_weight(w, cfg.block_size, cfg.symmetric)) for name, mod in
+    targets = {name: (mod, fmt, lambda w: int4_weight(w, cfg.block_size, cfg.symmetric, cfg.bits)) for name, mod in
                layers.items() if name not in extra and mod.in_features % 2 == 0}  # fmt: skip
     targets.update(extra)
-    sources = {name: None if name in extra else source_grid_weight(mod.weight.detach().float(), cfg.block_size)
+    keep_source = cfg.bits == 4
+    sources = {name: None if name in extra or not keep_source else
+               source_grid_weight(mod.weight.detach().float(), cfg.block_size)
                for name, (mod, _, _) in targets.items()}  # fmt: skip
     gptq_layers = [n for n, (m, f, _) in targets.items() if cfg.method == "gptq" and f.bits == 4 and
                    isinstance(m, torch.nn.Linear) and not (sources[n] is not None and not cfg.symmetric)]  # fmt: skip
