@@ -518,18 +518,24 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 6.5), dpi=120)
     rows = sorted((r for r in out["rows"] if "decode_tok_s" in r), key=lambda r: (r["decode_tok_s"], r["ppl"]))
     fp32 = min(r["ppl"] for r in rows)
     top = 1.5 * fp32  # a collapsed model (perplexity in the thousands) is drawn at the top edge with its value
-    offsets = ((8, 14), (8, -18), (-70, 16), (-70, -20), (8, 32), (8, -34))
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows, 1):  # numbered markers, names in the legend: a cluster of labels stays readable
         off = r["ppl"] > top
         y = top if off else r["ppl"]
-        ax.scatter(r["decode_tok_s"], y, s=max(r["mb"], 5) * 2, alpha=0.55, marker="^" if off else "o")
         text = short(r["variant"]) + (f" (perplexity {r['ppl']:.0f}, off scale)" if off else "")
-        ax.annotate(text, (r["decode_tok_s"], y), fontsize=7, textcoords="offset points", xytext=offsets[i % len(offsets)],
-                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "grey"})  # fmt: skip
+        ax.scatter(
+            r["decode_tok_s"],
+            y,
+            s=max(r["mb"], 5) * 2,
+            alpha=0.45,
+            marker="^" if off else "o",
+            label=f"{i}: {text} ({r['ppl']:.1f}, {r['decode_tok_s']:.0f} tok/s, {r['mb']:.0f} MB)",
+        )
+        ax.annotate(str(i), (r["decode_tok_s"], y), fontsize=8, ha="center", va="center", weight="bold")
+    ax.legend(fontsize=6.5, loc="upper left", markerscale=0.3, frameon=False)
     ax.set_ylim(fp32 * 0.97, top * 1.03)
     ax.axhline(fp32 * 1.05, color="grey", lw=0.8, ls="--")
     ax.text(ax.get_xlim()[0], fp32 * 1.05, " fp32 + 5%", fontsize=7, va="bottom", color="grey")
