@@ -18,6 +18,7 @@ decoder never uses them), and it reads rope settings from ``config.rope_paramete
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -111,7 +112,16 @@ def build(hf_dir: Path, out_dir: Path, block_size: int, accuracy_level: int, cac
            f"accuracy_level={accuracy_level or 4}"]  # fmt: skip
     log = out_dir.with_name(out_dir.name + ".log")
     with log.open("w") as f:
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=BUILDER_TIMEOUT_S).returncode
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # a local folder: nothing downloaded
+        try:
+            code = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, timeout=BUILDER_TIMEOUT_S, env=env
+            ).returncode
+        except subprocess.TimeoutExpired:
+            raise CompressError(
+                f"onnxruntime-genai's model builder ran past {BUILDER_TIMEOUT_S} s on {hf_dir} (log: {log}): "
+                'use a recipe without export = "genai" for a model this size'
+            ) from None
     if code or not (out_dir / "model.onnx").is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         raise CompressError(
