@@ -304,11 +304,11 @@ def main() -> None:
     variants: dict[str, tuple[str, Path]] = {}  # label -> (kind, path); kind ort (model.onnx) | og (folder) | gguf
     fp32 = export_fp32(hf, a.work / "fp32")
     variants["fp32 (optimum export)"] = ("ort", fp32 / "model.onnx")
-    builders = {}  # label -> folder: onnxruntime-genai's own models, timed with og.Generator too
+    genai_folders = {}  # variant label -> folder with a genai_config.json: timed with og.Generator too
     for precision in ("int4", "int8"):
         built = genai_build(hf, a.work / f"genai-{precision}", a.work, precision)
         if built is not None:
-            builders[f"onnxruntime-genai builder {precision}"] = built
+            genai_folders[f"onnxruntime-genai builder {precision}"] = built
             variants[f"onnxruntime-genai builder {precision}"] = ("ort", built / "model.onnx")
     variants["ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)"] = (
         "ort",
@@ -332,6 +332,7 @@ def main() -> None:
         runs[recipe] = json.loads((out / "report.json").read_text())
         ungated = " (gate off)" if recipe in ungated_recipes else ""
         variants[f"compress {recipe}{ungated}"] = ("ort", out / "model.onnx")
+        genai_folders[f"compress {recipe}{ungated}"] = out
 
     chunks = token_chunks(tok, sentences_of(a.ppl_text), 15, 256)
     _, heldout = calibration_and_heldout(shipped_sentences())
@@ -352,16 +353,14 @@ def main() -> None:
 
     # one interleaved timing loop (plain ORT loop for every ONNX variant, og.Generator for genai's own runtime)
     timed: dict[str, object] = {}
-    by_label_done = {r["variant"].removesuffix(" (gate off)") for r in rows}
     for r in rows:
         kind, path = r["kind"], Path(r["path"])
         timed[r["variant"]] = LlamaCppRunner(path, a.threads) if kind == "gguf" else OrtDecoder(path, a.threads, kv, hd)
     try:
         import onnxruntime_genai  # noqa: F401
 
-        folders = {**builders, **{f"compress {r}": a.work / folder_of(r) for r in runs}}
-        for label, folder in folders.items():
-            if label in by_label_done and (folder / "genai_config.json").is_file():
+        for label, folder in genai_folders.items():
+            if (folder / "genai_config.json").is_file():
                 timed[f"{label} (og.Generator)"] = GenaiRunner(folder, a.threads, a.work)
     except ImportError:
         log("onnxruntime-genai not installed: og.Generator timings skipped")

@@ -28,10 +28,12 @@ from lm import NEW, PROMPT, OrtDecoder, log
 
 
 def strip_offsets(src: Path, dst: Path) -> Path:
-    """``src``'s graph with every MatMulNBits that reads [x, block sums of x] put back on x (K and its tables cut to
-    the original blocks), the block-sum nodes swept."""
+    """``src``'s graph with every MatMulNBits that reads [x, block means of x] put back on x (K and its tables cut to
+    the original blocks), the block-mean nodes and their initializers swept (``export.genai_graph.sweep``)."""
     import onnx
     from onnx import numpy_helper
+
+    from export.genai_graph import sweep
 
     model = onnx.load(str(src / "model.onnx"))
     g = model.graph
@@ -53,13 +55,7 @@ def strip_offsets(src: Path, dst: Path) -> Path:
             if i < len(n.input) and n.input[i]:
                 inits[n.input[i]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(
                     f(numpy_helper.to_array(inits[n.input[i]]))), n.input[i]))  # fmt: skip
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(live)
+    sweep(g)
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     onnx.save(model, str(dst / "model.onnx"))

@@ -349,8 +349,8 @@ def genai_graph(lm: LoadedModel, tokenizer, work: Path, out: Path) -> tuple[Path
     """The compressed causal LM in onnxruntime-genai's model-builder graph holding the recipe's tables exactly
     (``export.genai_graph``): ``out`` gets model.onnx, genai_config.json and the builder's tokenizer files."""
     t0 = time.perf_counter()
-    fmts = [f for n, f in lm.int4_layers.items() if ".layers." in n] or [None]
-    block, level = (fmts[0].block_size, fmts[0].accuracy_level) if fmts[0] else (32, 4)
+    fmt = next((f for n, f in lm.int4_layers.items() if ".layers." in n), None)
+    block, level = (fmt.block_size, fmt.accuracy_level) if fmt else (32, 4)
     hf = save_plain(lm, tokenizer, work / "genai-hf")
     built = build(hf, work / "genai-builder", block, level, work / "genai-cache")
     metrics = graft(built, genai_weights(lm), out)

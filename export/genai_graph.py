@@ -345,7 +345,7 @@ def graft(builder_dir: Path, weights: GenaiWeights, out: Path) -> dict:
     del g.node[:]
     for n in nodes:
         g.node.extend(gr.before.get(n.name, []) + [n] + gr.after.get(n.name, []))
-    _sweep(g)
+    sweep(g)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -358,7 +358,7 @@ def graft(builder_dir: Path, weights: GenaiWeights, out: Path) -> dict:
     return gr.counts
 
 
-def _sweep(g) -> None:
+def sweep(g) -> None:
     """Drop nodes whose outputs nothing reads, then initializers no node reads (the builder's own tables)."""
     while True:
         used = {i for n in g.node for i in n.input} | {o.name for o in g.output}

@@ -86,7 +86,8 @@ def _past_shape(inp, batch: int, past_len: int, config: dict | None = None) -> t
     config.json."""
     config = config or {}
     heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
-    head_dim = config.get("head_dim") or (config["hidden_size"] // config["num_attention_heads"] if heads else None)
+    n_heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    head_dim = config.get("head_dim") or (hidden // n_heads if n_heads and hidden else None)
     fill = {0: batch, 1: heads, 2: past_len, 3: head_dim}
     dims = [d if isinstance(d, int) else None for d in inp.shape]
     shape = tuple(fill[i] if i in (0, 2) or d is None else d for i, d in enumerate(dims))

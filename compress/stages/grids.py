@@ -51,6 +51,16 @@ def source_grid_weight(w, block: int, levels: int = 16):
     Re-quantizing w' with ORT is lossless."""
     import torch
 
+    found = source_grid(w, block, levels)
+    if found is None:
+        return None
+    d, q, z = found
+    return torch.from_numpy((d[..., None] * (q - z[..., None])).reshape(w.shape)).to(w.dtype)
+
+
+def source_grid(w, block: int, levels: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``source_grid_weight``'s pieces: scales d (out, blocks), codes q (out, blocks, block) and the nearest integer
+    zero points z (out, blocks), float64; None when the weight is not on such a grid."""
     if w.shape[-1] % block:
         return None
     b = w.detach().double().numpy().reshape(w.shape[0], -1, block)
@@ -60,7 +70,7 @@ def source_grid_weight(w, block: int, levels: int = 16):
     if np.abs(q * d + lo - b).max() > 1e-5 * max(float(np.abs(b).max()), 1e-30):
         return None
     z = np.clip(np.floor(-lo / d + 0.5), 0, levels - 1)
-    return torch.from_numpy((d * (q - z)).reshape(w.shape)).to(w.dtype)
+    return d[..., 0], q, z[..., 0]
 
 
 def int4_table(w, block_size: int):

@@ -134,8 +134,10 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     sources = {name: None if name in extra or not keep_source else
                source_grid_weight(mod.weight.detach().float(), cfg.block_size)
                for name, (mod, _, _) in targets.items()}  # fmt: skip
+    # asymmetric at the source's block size, a source grid is kept as it is (symmetric cannot hold its zero points)
+    kept = {n: src for n, src in sources.items() if src is not None and not cfg.symmetric}
     gptq_layers = [n for n, (m, f, _) in targets.items() if cfg.method == "gptq" and f.bits == 4 and
-                   isinstance(m, torch.nn.Linear) and not (sources[n] is not None and not cfg.symmetric)]  # fmt: skip
+                   isinstance(m, torch.nn.Linear) and n not in kept]  # fmt: skip
     progress = ctx.progress or (lambda msg: None)
     if gptq_layers:
         progress(
@@ -148,20 +150,19 @@ def apply_int4(cfg: Int4Quant, lm, ctx: TorchContext):
     with torch.no_grad():
         for name, (mod, f, grid) in targets.items():
             w = mod.weight.detach().float()
-            source = sources[name]
-            on_grid += source is not None
+            on_grid += sources[name] is not None
             if name in hessians:
                 tables[name] = gptq(w.numpy(), hessians[name], f.block_size, f.symmetric, cfg.damp)
                 if len(tables) % max(len(hessians) // 5, 1) == 0 or len(tables) == len(hessians):
                     progress(f"  gptq: {len(tables)}/{len(hessians)} layers")
                 wq = torch.from_numpy(tables[name].weight)
             else:
-                wq = source if source is not None and not cfg.symmetric else grid(w)
+                wq = kept[name] if name in kept else grid(w)
             err = float((w - wq).norm() / w.norm())
             mod.weight.copy_(wq.to(mod.weight.dtype))
             formats[name] = f
             per_layer.append({"layer": name, "bits": f.bits, "relative_error": round(err, 5),
-                              "method": "gptq" if name in tables else "source grid" if source is not None else "rtn"})  # fmt: skip
+                              "method": "gptq" if name in tables else "source grid" if name in kept else "rtn"})  # fmt: skip
     lm = dataclasses.replace(lm, int4_layers={**lm.int4_layers, **formats}, int4_tables={**lm.int4_tables, **tables})
     errs = [r["relative_error"] for r in per_layer]
     metrics = {
