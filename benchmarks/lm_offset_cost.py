@@ -29,11 +29,11 @@ from lm import NEW, PROMPT, OrtDecoder, log
 
 def strip_offsets(src: Path, dst: Path) -> Path:
     """``src``'s graph with every MatMulNBits that reads [x, block means of x] put back on x (K and its tables cut to
-    the original blocks), the block-mean nodes and their initializers swept (``export.genai_graph.sweep``)."""
+    the original blocks), the block-mean nodes and their initializers swept (``compress.core.onnx_ops.sweep``)."""
     import onnx
     from onnx import numpy_helper
 
-    from export.genai_graph import sweep
+    from compress.core.onnx_ops import sweep
 
     model = onnx.load(str(src / "model.onnx"))
     g = model.graph

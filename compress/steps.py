@@ -29,7 +29,7 @@ from compress.core.models import LoadedModel, detect_task, load_model, max_posit
 from compress.recipe import Recipe, StageSpec
 from compress.stages import OnnxContext, Scorer, StageError, TorchContext
 from export.genai_graph import GenaiWeights, NBits, Table, build, graft
-from export.int4_pack import op_weight, ort_quantize, pack_int4
+from export.int4_pack import gather_table, op_weight, ort_quantize, pack_int4
 from export.onnx_export import export_onnx
 from export.verify import FLOAT_COSINE_MIN, Parity, verify_against_torch
 from profiles import DeviceProfile
@@ -295,8 +295,6 @@ def genai_weights(lm: LoadedModel) -> GenaiWeights:
     """The torch stages' numbers, as MatMulNBits / GatherBlockQuantized hold them, by Hugging Face module name: every
     Linear a stage put on a grid (``lm.int4_layers``; a low-rank-wrapped one as ``NAME.base``), the low-rank factors
     (A, B) of wrapped Linears, and the head / token embeddings (float where no stage quantized them)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
-
     model = lm.model
     modules = dict(model.named_modules())
     names = {id(m): n for n, m in modules.items()}
@@ -314,8 +312,8 @@ def genai_weights(lm: LoadedModel) -> GenaiWeights:
     w_emb = emb_mod.weight.detach().float().numpy()
     fmt = lm.int4_layers.get(emb)
     if fmt is not None:
-        packed, scales, zp = DefaultWeightOnlyQuantizer.quantize_ndarray(w_emb, 1, fmt.block_size, False)
-        embeddings = Table(packed, scales, zp, w_emb.shape, fmt.block_size)
+        bits = getattr(fmt, "bits", 4)
+        embeddings = Table(*gather_table(w_emb, fmt.block_size, bits), w_emb.shape, fmt.block_size, bits)
     else:
         embeddings = w_emb
     fmt = lm.int4_layers.get(head)

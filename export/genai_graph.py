@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from compress.core.errors import CompressError
+from compress.core.onnx_ops import sweep
 
 _SHIM = r"""
 import sys
@@ -84,13 +85,15 @@ class NBits:
 
 @dataclass(frozen=True)
 class Table:
-    """A token embedding table on GatherBlockQuantized's asymmetric 4-bit grid (blocks along the hidden dim)."""
+    """A token embedding table on GatherBlockQuantized's grid (blocks along the hidden dim): ``export.int4_pack.
+    gather_table``'s pieces."""
 
-    packed: np.ndarray  # uint4 pairs, as DefaultWeightOnlyQuantizer.quantize_ndarray returns them
+    packed: np.ndarray  # 4 bits: uint4 pairs (DefaultWeightOnlyQuantizer.quantize_ndarray); 8 bits: uint8 (V, H)
     scales: np.ndarray  # (V, H / block)
-    zero_points: np.ndarray
+    zero_points: np.ndarray | None  # None: the op's implicit zero point (8 bits, symmetric)
     shape: tuple[int, int]
     block_size: int
+    bits: int = 4
 
 
 @dataclass(frozen=True)
@@ -300,23 +303,19 @@ class _Graft:
         self.counts["low_rank_branches"] += 1
 
     def embeddings(self, n, emb: Table | np.ndarray):
-        from onnx import TensorProto, helper
+        from onnx import helper
+
+        from export.int4_pack import gather_node
 
         ids = next(t for t in n.input if t == "input_ids")
         if isinstance(emb, np.ndarray):
             return helper.make_node("Gather", [self.put("genai_graft/embed_tokens", emb.astype(np.float32)), ids],
                                     list(n.output), name=n.name, axis=0)  # fmt: skip
-        data = helper.make_tensor("genai_graft/embed_tokens.packed", TensorProto.UINT4, emb.shape,
-                                  emb.packed.tobytes(), True)  # fmt: skip
-        zp = helper.make_tensor("genai_graft/embed_tokens.zero_points", TensorProto.UINT4, emb.scales.shape,
-                                emb.zero_points.tobytes(), True)  # fmt: skip
-        return helper.make_node(
-            "GatherBlockQuantized",
-            [self.put(data.name, data), ids, self.put("genai_graft/embed_tokens.scales", emb.scales),
-             self.put(zp.name, zp)],
-            list(n.output), name=n.name, domain="com.microsoft", gather_axis=0, quantize_axis=1,
-            block_size=emb.block_size,
-        )  # fmt: skip
+        node, inits = gather_node(emb.packed, emb.scales, emb.zero_points, emb.shape, emb.block_size, emb.bits, ids,
+                                  n.output[0], n.name, "genai_graft/embed_tokens")  # fmt: skip
+        for t in inits:
+            self.put(t.name, t)
+        return node
 
 
 def graft(builder_dir: Path, weights: GenaiWeights, out: Path) -> dict:
@@ -356,18 +355,3 @@ def graft(builder_dir: Path, weights: GenaiWeights, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return gr.counts
-
-
-def sweep(g) -> None:
-    """Drop nodes whose outputs nothing reads, then initializers no node reads (the builder's own tables)."""
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            break
-        del g.node[:]
-        g.node.extend(live)
-    used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)

@@ -56,6 +56,35 @@ def ort_quantize(w_kn: np.ndarray, block_size: int, symmetric: bool, bits: int =
     return packed, scales, zp
 
 
+def gather_table(w_vh: np.ndarray, block_size: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """GatherBlockQuantized's (data, scales, zero points) for an embedding table (V, H), blocks along H. 4 bits:
+    asymmetric uint4 pairs as ORT's ``DefaultWeightOnlyQuantizer.quantize_gather`` writes them; 8 bits: MatMulNBits'
+    8-bit symmetric grid (``ort_quantize`` of the table as a (H, V) weight: uint8, the op's implicit zero point 128),
+    so a tied 8-bit LM head and the table share one grid."""
+    if bits == 8:
+        packed, scales, _ = ort_quantize(np.ascontiguousarray(w_vh.T), block_size, True, 8)
+        return packed.reshape(w_vh.shape[0], -1)[:, : w_vh.shape[1]], scales, None
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    return DefaultWeightOnlyQuantizer.quantize_ndarray(np.asarray(w_vh, np.float32), 1, block_size, False)
+
+
+def gather_node(data: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, shape: tuple[int, int],
+                block_size: int, bits: int, ids: str, output: str, name: str, prefix: str) -> tuple:  # fmt: skip
+    """The GatherBlockQuantized node reading ``gather_table``'s pieces, and its initializers (named ``prefix.*``)."""
+    from onnx import TensorProto, helper
+
+    dtype = TensorProto.UINT8 if bits == 8 else TensorProto.UINT4
+    inits = [helper.make_tensor(f"{prefix}.packed", dtype, shape, data.tobytes(), True),
+             numpy_helper.from_array(np.ascontiguousarray(scales, np.float32), f"{prefix}.scales")]  # fmt: skip
+    if zero_points is not None:
+        inits.append(helper.make_tensor(f"{prefix}.zero_points", dtype, scales.shape, zero_points.tobytes(), True))
+    inputs = [inits[0].name, ids, *(t.name for t in inits[1:])]
+    node = helper.make_node("GatherBlockQuantized", inputs, [output], name=name, domain="com.microsoft",
+                            gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)  # fmt: skip
+    return node, inits
+
+
 def layer_nodes(model: onnx.ModelProto, weights_kn: dict[str, np.ndarray]) -> dict[str, str]:
     """Layer name -> the MatMul / Gather node whose weight initializer is byte-identical to the layer's weight
     as the op sees it ((K, N) for a Linear, (V, H) for an embedding)."""
@@ -84,8 +113,14 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
     if missing:
         raise ValueError(f"int4 packing found no MatMul for {len(missing)} layer(s), e.g. {missing[0]}")
     groups: dict[object, list[str]] = defaultdict(list)  # format -> MatMul node names to pack
+    gathers8 = {}  # ORT's quantize_gather writes 4 bits whatever it is asked: 8-bit tables are written here
     for name, node in nodes_of.items():
-        groups[weights_kn[name][1]].append(node)
+        w, fmt = weights_kn[name]
+        is_gather = next(n for n in model.graph.node if n.name == node).op_type == "Gather"
+        if is_gather and getattr(fmt, "bits", 4) == 8:
+            gathers8[node] = (w, fmt)
+        else:
+            groups[fmt].append(node)
     matmuls = [n.name for n in model.graph.node if n.op_type in WEIGHT_INPUT]
     current = model
     with scratch_cwd():
@@ -103,8 +138,26 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
             current = quantizer.model.model
     if tables:
         _write_tables(current, {nodes_of[name]: t for name, t in tables.items()})
+    for node in current.graph.node:
+        if node.name in gathers8:
+            w, fmt = gathers8[node.name]
+            data, scales, zp = gather_table(w, fmt.block_size, 8)
+            new, inits = gather_node(data, scales, zp, w.shape, fmt.block_size, 8, node.input[1], node.output[0],
+                                     node.name + "_Q8", node.input[0])  # fmt: skip
+            floats = node.input[0]
+            node.CopyFrom(new)
+            current.graph.initializer.extend(inits)
+            if not any(floats in n.input for n in current.graph.node):  # the float table, unless still shared
+                kept = [t for t in current.graph.initializer if t.name != floats]
+                del current.graph.initializer[:]
+                current.graph.initializer.extend(kept)
     onnx.save(current, str(dst))
-    return {"packed_matmuls": sum(len(v) for v in groups.values()), "formats": [vars(f) for f in groups]}
+    formats = list(groups) + [f for _, f in gathers8.values()]
+    return {
+        "packed_matmuls": sum(len(v) for v in groups.values()),
+        "embedding_tables_8bit": len(gathers8),
+        "formats": [vars(f) for f in dict.fromkeys(formats)],
+    }
 
 
 def _write_tables(model: onnx.ModelProto, tables: dict[str, tuple]) -> None:

@@ -183,7 +183,8 @@ def test_generative_refusals_one_line_nothing_written(gen_models, tmp_path, args
 
 
 def test_the_default_recipe_of_a_generative_model_is_dynamic_int8(gen_models, tmp_path):
-    """cpu-default's quant.hybrid is built for encoders: for LMs the default means plain dynamic int8."""
+    """cpu-default's quant.hybrid is built for encoders: for generative models the default means plain dynamic int8
+    (a llama / mistral / qwen2 decoder gets lm-int8-genai where onnxruntime-genai is installed: test_lm.py)."""
     from compress.pipeline import RunConfig, prepare
 
     for name in ("gpt2-tiny", "t5-tiny"):

@@ -2,6 +2,7 @@
 to the shipped sentences: perplexity and fidelity, the perplexity gate, int8 / int4 + EoRA / mixed / FFN-channel and
 K/V-group pruning on a decoder with KV cache, and the embedded smollm2 source (without the wheel)."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -360,10 +361,61 @@ def test_genai_export_refuses_an_unmapped_architecture_before_any_work(tmp_path)
     assert not (tmp_path / "o").exists()
 
 
+def _gathers(path) -> list[tuple[str, int, bool]]:
+    """(op, bits attribute, whether its table is a float initializer) of each token-embedding lookup."""
+    graph = onnx.load(str(path)).graph
+    floats = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return [(n.op_type, next((a.i for a in n.attribute if a.name == "bits"), 4), n.input[0] in floats)
+            for n in graph.node if n.op_type in ("Gather", "GatherBlockQuantized") and "embed" in n.input[0]]  # fmt: skip
+
+
 def test_int8_in_the_genai_graph_is_8bit_everywhere_and_inside_the_gate(tiny_lm, tmp_path):
+    """lm-int8-genai, what --target cpu means for a llama decoder when onnxruntime-genai is installed: 8-bit
+    MatMulNBits everywhere and an 8-bit embedding table (no float table left), inside the gate."""
     pytest.importorskip("onnxruntime_genai")
+    from compress.pipeline import RunConfig, prepare
+
+    run, _ = prepare(RunConfig(model=str(tiny_lm), out=tmp_path / "default"))
+    assert run.recipe.name == "lm-int8-genai" and run.recipe.export == "genai"
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:  # without onnxruntime-genai: dynamic int8 in optimum's graph
+        mp.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a)
+        )
+        assert prepare(RunConfig(model=str(tiny_lm), out=tmp_path / "default"))[0].recipe.name == "dynamic-int8"
     report, _ = _run(tiny_lm, tmp_path / "i8", "lm-int8-genai")
     assert _nbits(tmp_path / "i8" / "model.onnx") == {8: 11}  # 2 x (qkv, o, gate, up, down) + head
+    assert _gathers(tmp_path / "i8" / "model.onnx") == [("GatherBlockQuantized", 8, False)]
     int4 = next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]
     assert {r["bits"] for r in int4["per_layer"] if "layers." in r["layer"]} == {8}
     assert abs(_eval(report, "ppl")["rise_percent"]) < 1 and _eval(report, "fidelity")["kl"] < 0.01
+
+
+def test_8bit_embedding_table_is_the_torch_grid_exactly_in_both_graphs(tiny_lm, tmp_path):
+    """embeddings = "int8": GatherBlockQuantized over uint8 (ORT's GatherBlockQuantized takes 8 bits; its
+    quantize_gather writes 4 only, so the exporter writes the table), on MatMulNBits' 8-bit grid: ORT returns the
+    torch model's grid rows exactly, in optimum's graph as in the genai graph."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    from compress.stages.grids import int4_weight
+    from export.int4_pack import gather_node, gather_table
+
+    w = torch.randn(100, 64)
+    grid = int4_weight(w, 32, True, 8).numpy()
+    data, scales, zp = gather_table(grid, 32, 8)
+    node, inits = gather_node(data, scales, zp, grid.shape, 32, 8, "ids", "y", "g", "t")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([0, 7, 99])
+    assert np.array_equal(sess.run(None, {"ids": ids})[0], grid[ids]) and zp is None
+    assert np.abs(grid - w.numpy()).max() < np.abs(w.numpy()).max() / 127  # 8 bits: within half a step of 1/127
+    out = tmp_path / "opt"  # optimum's graph: the quantizer's 4-bit Gather path is bypassed
+    report, _ = _run(tiny_lm, out, "lm-int4", "--set", "embeddings=int8", "--set", "lm_head=int8")
+    assert _gathers(out / "model.onnx") == [("GatherBlockQuantized", 8, False)]
+    assert next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]["embeddings"] == "int8"

@@ -41,3 +41,19 @@ def op_counts(model: str | Path | onnx.ModelProto) -> Counter:
 def quantized_counts(model: str | Path | onnx.ModelProto) -> dict[str, int]:
     """Nodes per quantized op type: what a quantization stage reports it produced."""
     return {op: n for op, n in op_counts(model).items() if op in QUANTIZED_OPS}
+
+
+def sweep(g) -> None:
+    """Drop nodes whose outputs nothing reads, then initializers no node reads (tables a rewrite replaced). Top-level
+    graph only: not for graphs with subgraphs (If / Loop bodies read outer initializers)."""
+    while True:
+        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in used for o in n.output)]
+        if len(live) == len(g.node):
+            break
+        del g.node[:]
+        g.node.extend(live)
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)

@@ -8,10 +8,12 @@ the exporter packs the same numbers into ``MatMulNBits`` (``export.int4_pack``),
 ``bits = 8`` puts the layers on MatMulNBits' 8-bit grid instead (round to nearest; a source grid is not kept, GPTQ
 is 4-bit only). Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
 projections), and the LM head and the token embeddings have their own settings: ``lm_head`` float | int8 (8-bit
-MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int4 (GatherBlockQuantized, blocks along the
-hidden dimension, asymmetric: ORT's ``DefaultWeightOnlyQuantizer`` grid). A tied head and embedding are untied
+MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int8 | int4 (GatherBlockQuantized, blocks along
+the hidden dimension; int4 asymmetric on ORT's ``DefaultWeightOnlyQuantizer`` grid, int8 symmetric on MatMulNBits'
+8-bit grid: ``export.int4_pack.gather_table``). A tied head and embedding are untied
 first when they get different grids. On SmolLM2-135M the head holds much of int4's loss (perplexity 84.8 with an
-int4 head, 77.3 with an 8-bit head, 77.1 float), the int4 embedding costs ~1 point and saves ~96 MB.
+int4 head, 77.3 with an 8-bit head, 77.1 float), the int4 embedding costs ~1 point and saves ~96 MB (in
+``lm-int8-genai``: the 8-bit table 62.82 against the int4 one's 63.54, 13.7 MB more; README, Language models).
 
 A source already on a 16-level grid per block (a GGUF Q4_1 model, as ``smollm2``) is reported (``source_grid_layers``):
 with ``symmetric = false`` and its block size, its codes and scales are kept exactly (``grids.source_grid_weight``)
@@ -59,7 +61,7 @@ class Int4Quant:
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86 CPUs), 0 = fp32
     layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
     lm_head: str = "float"  # language models: float | int8 | int4
-    embeddings: str = "float"  # language models: float | int4 (GatherBlockQuantized)
+    embeddings: str = "float"  # language models: float | int8 | int4 (GatherBlockQuantized)
     # rtn: round to nearest; gptq: GPTQ on the 4-bit layers (compress.stages.gptq), Hessians from the calibration
     # text through the float model (one pass; a layer on a source grid keeps it, embeddings and 8-bit heads stay RTN)
     method: str = "rtn"
@@ -76,10 +78,10 @@ class Int4Quant:
             raise StageError(
                 f"quant.int4: method='{self.method}' must be rtn or gptq, calibration_samples >= 1, damp in (0, 1)"
             )
-        if self.lm_head not in HEADS or self.embeddings not in ("float", "int4"):
+        if self.lm_head not in HEADS or self.embeddings not in HEADS:
             raise StageError(
-                f"quant.int4: lm_head='{self.lm_head}' must be one of {', '.join(HEADS)} and "
-                f"embeddings='{self.embeddings}' float or int4"
+                f"quant.int4: lm_head='{self.lm_head}' and embeddings='{self.embeddings}' must each be one of "
+                f"{', '.join(HEADS)}"
             )
 
 
@@ -115,6 +117,9 @@ def _head_and_embeddings(cfg: Int4Quant, lm) -> dict:
     if cfg.embeddings == "int4":
         fmt = Int4Format(cfg.block_size, False, cfg.accuracy_level)
         out[names[id(emb)]] = (emb, fmt, lambda w: int4_table(w, cfg.block_size))
+    elif cfg.embeddings == "int8":  # the 8-bit head's grid (blocks along the hidden dim either way): a tied pair agrees
+        fmt = Int4Format(cfg.block_size, True, cfg.accuracy_level, 8)
+        out[names[id(emb)]] = (emb, fmt, lambda w: int4_weight(w, cfg.block_size, True, 8))
     return out
 
 

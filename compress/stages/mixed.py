@@ -71,7 +71,7 @@ class MixedQuant:
     latency_runs: int = 20
     measure_alone: bool = False  # also evaluate each layer alone at the most aggressive candidate (L more evals)
     layers: tuple[str, ...] = ()  # fnmatch over nn.Linear names; empty: *encoder* / decoder *layers.* (+ LM head)
-    embeddings: bool = True  # the word-embedding table joins the search (int8 Gather / int4 GatherBlockQuantized)
+    embeddings: bool = True  # the word-embedding table joins the search (int8 Gather, GatherBlockQuantized 8 / 4 bits)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_drop <= self.max_drop:
@@ -130,12 +130,10 @@ def quantized_weight(mod, precision: str, cfg: MixedQuant):
     w = mod.weight.detach()
     if precision == "float":
         return w
-    if is_embedding(mod):
-        if precision == "int8-weights":  # ORT's GatherBlockQuantized takes 4 bits only: the table stays float
-            return w
-        return int4_table(w, cfg.block_size) if precision.startswith("int4") else int8_weight(w, per_channel=False)
-    if precision == "int8-weights":
+    if precision == "int8-weights":  # 8-bit MatMulNBits / GatherBlockQuantized over uint8 (export.int4_pack)
         return int4_weight(w, cfg.block_size, True, bits=8)
+    if is_embedding(mod):
+        return int4_table(w, cfg.block_size) if precision.startswith("int4") else int8_weight(w, per_channel=False)
     return int4_weight(w, cfg.block_size) if precision.startswith("int4") else int8_weight(w)
 
 
@@ -175,7 +173,7 @@ class Simulated:
                 if prec == "float":
                     continue
                 mod = self.layers[name]
-                key = (name, "int4" if prec.startswith("int4") else "int8")
+                key = (name, prec)  # int8-weights (blocks) and int8-dynamic (per channel / tensor) differ
                 if key not in self.cache:
                     self.cache[key] = quantized_weight(mod, prec, self.cfg).clone()
                 self._saved[name] = mod.weight.data
@@ -280,12 +278,13 @@ class Move:
 
 def weight_bytes(k: int, n: int, precision: str, block_size: int, per_channel: bool = True) -> int:
     """Stored bytes of a weight with K elements per block axis and N channels (MatMul (K, N); embedding table:
-    K = hidden, N = vocabulary): fp32; int8 + scale and zero point per channel (per tensor for a table);
-    uint4 + per-block fp32 scales + packed 4-bit zero points (MatMulNBits / GatherBlockQuantized)."""
+    K = hidden, N = vocabulary): fp32; int8 + scale and zero point per channel (per tensor for a table); 8-bit
+    weights: uint8 + per-block fp32 scales; uint4 + per-block fp32 scales + packed 4-bit zero points (MatMulNBits /
+    GatherBlockQuantized)."""
     if precision == "float":
         return 4 * k * n
-    if precision == "int8-weights":
-        return n * (k + 4 * -(-k // block_size)) if per_channel else 4 * k * n  # a table stays float
+    if precision == "int8-weights":  # uint8 + a fp32 scale per block (symmetric: no zero points), tables too
+        return n * (k + 4 * -(-k // block_size))
     if precision.startswith("int8"):
         return k * n + (5 * n if per_channel else 5)
     blocks = -(-k // block_size)
@@ -423,11 +422,8 @@ def build_onnx(
         "int4-weights": Int4Format(cfg.block_size, False, cfg.accuracy_level),
         "int8-weights": Int4Format(cfg.block_size, True, cfg.accuracy_level, bits=8),
     }
-    int4 = {  # MatMulNBits / GatherBlockQuantized (an embedding table at int8-weights stays float)
-        n: (onnx_weight(layers[n]), formats[p])
-        for n, p in assignment.items()
-        if p in formats and not (p == "int8-weights" and is_embedding(layers[n]))
-    }
+    int4 = {n: (onnx_weight(layers[n]), formats[p]) for n, p in assignment.items() if p in formats}  # MatMulNBits /
+    # GatherBlockQuantized (4 or 8 bits)
     int8 = {node_of[n] for n, p in assignment.items() if p in ("int8-dynamic", "int8-qdq")}
     current = src
     if int4:
