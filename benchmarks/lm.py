@@ -185,7 +185,7 @@ def run_recipe(recipe: str, work: Path, calib: Path, ppl_text: Path, threads: in
         return out
     cfg = RunConfig(model="smollm2", recipe=name, out=out, data=calib, force=True, overrides=overrides,
                     evals=(f"ppl:{ppl_text}", "fidelity"), new_tokens=16,
-                    latency=ProfileConfig(shapes=(Shape(1, 32),), runs=1, threads=threads),
+                    latency=ProfileConfig(shapes=(Shape(1, 32),), runs=1, threads=threads), gen_runs=1,
                     max_ppl_rise=10.0 if gated else 1e9)  # fmt: skip
     t0 = time.perf_counter()
     run_pipeline(cfg, progress=lambda m: log(f"  {recipe}: {m}"))

@@ -138,7 +138,12 @@ def main() -> None:
 )
 @click.option("--train", help="Labelled pairs for a recovery stage's task loss: stsb:PATH (e.g. STS-B train).")
 @click.option("--shapes", default="1x128,32x128", show_default=True, help="Latency shapes BATCHxSEQ, comma-separated.")
-@click.option("--runs", default=50, show_default=True, help="Timed runs per shape and model.")
+@click.option(
+    "--runs",
+    type=int,
+    help="Timed runs per shape and model [default: 50; 10 for generative models, whose every run generates "
+    "--new-tokens tokens].",
+)
 @click.option("--threads", default=0, show_default=True, help="ORT intra-op threads (0: physical cores).")
 @click.option(
     "--max-drop",
@@ -175,7 +180,8 @@ def run(sets, max_drop, min_drop, shapes, runs, threads, evals, fmt, max_ppl_ris
     overrides, flags = _overrides(sets, max_drop=max_drop, min_drop=min_drop)
     cfg = RunConfig(**fields, evals=tuple(evals) or ("fidelity",), overrides=overrides, override_flags=flags,
                     formats=("onnx", fmt) if fmt != "onnx" else ("onnx",),
-                    latency=_latency_config(shapes, runs, threads), max_ppl_rise=_percent(max_ppl_rise))  # fmt: skip
+                    latency=_latency_config(shapes, runs or 50, threads), gen_runs=runs,
+                    max_ppl_rise=_percent(max_ppl_rise))  # fmt: skip
     folder, report = pipeline.run(cfg, progress=_Clock(), on_latency=_latency_progress())
     click.echo("")
     click.echo(pipeline.summary(report))

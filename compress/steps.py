@@ -59,7 +59,14 @@ class RunConfig:
     formats: tuple[str, ...] = ("onnx",)  # "ort" adds onnx/model.ort (ORT Mobile) beside the ONNX graph
     latency: ProfileConfig = field(default_factory=ProfileConfig)
     new_tokens: int = 32  # generative models: tokens generated per timed run
+    # generative models: timed runs per shape and model (None: GEN_RUNS; the CLI's --runs sets it and latency.runs)
+    gen_runs: int | None = None
     max_ppl_rise: float = 10.0  # causal LMs: the perplexity gate, percent above the float model's
+
+
+# Each timed run of a generative model is a whole generation (smollm2 fp32 at 32x128: ~12 s): 10 runs keep the
+# default `compress run smollm2 --target cpu` near 5 minutes (50 took 20, mostly timing the float model at batch 32)
+GEN_RUNS = 10
 
 
 @dataclass(frozen=True)

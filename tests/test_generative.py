@@ -119,7 +119,7 @@ def test_run_int8_causal_lm_still_generates(gen_models, tmp_path):
     assert report["parity"]["original_export"]["passed"] and report["parity"]["original_export"]["identical"] == 8
     for c, b in zip(report["latency"], report["baseline_latency"]):
         assert c["ttft_p50_ms"] > 0 and b["ttft_p50_ms"] > 0 and c["tokens_per_s"] > 0 and b["tokens_per_s"] > 0
-        assert c["source"] == b["source"] == "measured"
+        assert c["source"] == b["source"] == "measured" and c["runs"] == b["runs"] == 2  # --runs 2
     assert report["peak_rss"]["compressed"]["model_mb"] > 0
     # every weight MatMul is int8, the tied LM head included (export materialises Transpose(wte)); a causal LM
     # gets 8-bit MatMulNBits (per-block activation quantization), not per-tensor MatMulInteger
@@ -191,3 +191,16 @@ def test_the_default_recipe_of_a_generative_model_is_dynamic_int8(gen_models, tm
         run, flow = prepare(RunConfig(model=str(gen_models[name][0]), out=tmp_path / name))
         assert flow.name == "generative" and run.recipe.name == "dynamic-int8"
         assert [s.name for s in run.recipe.stages] == ["quant.dynamic"]
+
+
+def test_a_generative_run_times_ten_generations_unless_told(gen_models, tmp_path):
+    """Every timed run of a generative model is a whole generation: without --runs, 10 per shape and model (the
+    encoders' 50 made `compress run smollm2 --target cpu` take 20 minutes)."""
+    from compress.steps import GEN_RUNS
+
+    out = tmp_path / "fp"
+    res = _invoke(["run", str(gen_models["gpt2-tiny"][0]), "--recipe", "fp32", "--out", str(out), "--shapes", "1x16",
+                   "--new-tokens", "4"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert GEN_RUNS == 10 and {r["runs"] for r in report["latency"] + report["baseline_latency"]} == {GEN_RUNS}

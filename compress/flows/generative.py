@@ -40,7 +40,15 @@ from compress.core.models import LoadedModel, generative_task, resolve_path
 from compress.flows.types import ProfileRequest, ProfileResult
 from compress.report import markdown_head, versions
 from compress.stages import OnnxContext, Scorer
-from compress.steps import Run, apply_onnx_stages, apply_torch_stages, genai_graph, pack_int4_layers, target_section
+from compress.steps import (
+    GEN_RUNS,
+    Run,
+    apply_onnx_stages,
+    apply_torch_stages,
+    genai_graph,
+    pack_int4_layers,
+    target_section,
+)
 from export.genai import GENAI_CONFIG, write_genai_config
 from export.genai_graph import ARCHITECTURES
 from export.generative import check_generation, export_generative, greedy, load_torch, prompts_from
@@ -203,7 +211,8 @@ class GenerativeFlow:
                     'pip install "onnxruntime-genai>=0.18" (in the [lm] extra)'
                 )
         check_lengths(
-            config, gen_profile_config(cfg.latency.shapes, cfg.latency.runs, cfg.latency.threads, cfg.new_tokens)
+            config,
+            gen_profile_config(cfg.latency.shapes, cfg.gen_runs or GEN_RUNS, cfg.latency.threads, cfg.new_tokens),
         )
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
@@ -214,7 +223,7 @@ class GenerativeFlow:
         path = resolve_path(cfg.model)
         progress(f"loading {cfg.model} ({kind})")
         model, tokenizer = load_torch(path, kind)
-        lat_cfg = gen_profile_config(cfg.latency.shapes, cfg.latency.runs, cfg.latency.threads, cfg.new_tokens)
+        lat_cfg = gen_profile_config(cfg.latency.shapes, cfg.gen_runs or GEN_RUNS, cfg.latency.threads, cfg.new_tokens)
         causal = kind == "text-generation"
         length = context_length(model.config.to_dict())
         calibration, heldout = calibration_and_heldout(shipped_sentences())
