@@ -9,6 +9,8 @@ Configs (parameter counts printed on save):
 - ``llama-tiny``: SmolLM2's architecture (Llama: RMSNorm, rotary positions, gated SiLU FFN, grouped-query attention
   with 4 query heads over 2 key/value heads, tied embeddings) at width 64, 2 layers (tests of the LM stages).
   ``--train-steps N`` fits it for N steps to the shipped sentences, so its perplexity means something (a few seconds).
+- ``qwen2-tiny``: the same at Qwen2's architecture (biases on the q/k/v projections), for the genai exporter's
+  other mapped architecture.
 - ``t5-small``: the published t5-small config (d_model 512, d_kv 64, d_ff 2048, 6 encoder + 6 decoder layers,
   8 heads, relative attention, vocab 32128, tied embeddings): 60.5 M parameters.
 - ``gpt2-narrow``: GPT-2 small's architecture (pre-LN, learned positions, GELU, FFN 4x) narrowed to t5-small's
@@ -38,6 +40,9 @@ def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
                                 relative_attention_num_buckets=32, feed_forward_proj="relu", tie_word_embeddings=True,
                                 decoder_start_token_id=1, pad_token_id=1, eos_token_id=0)),
         "llama-tiny": ("llama", dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+        "qwen2-tiny": ("qwen2", dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
         "gpt2-narrow": ("gpt2", dict(vocab_size=32128, n_positions=1024, n_embd=512, n_layer=14, n_head=8,
@@ -84,6 +89,8 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any]:
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
         T5Config,
         T5ForConditionalGeneration,
     )
@@ -94,8 +101,11 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any]:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(configs)}")
     arch, kw = configs[name]
     torch.manual_seed(seed)
-    if arch in ("gpt2", "llama"):
-        model = GPT2LMHeadModel(GPT2Config(**kw)) if arch == "gpt2" else LlamaForCausalLM(LlamaConfig(**kw))
+    causal = {"gpt2": (GPT2Config, GPT2LMHeadModel), "llama": (LlamaConfig, LlamaForCausalLM),
+              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}  # fmt: skip
+    if arch in causal:
+        config_cls, model_cls = causal[arch]
+        model = model_cls(config_cls(**kw))
         tokenizer.padding_side = "left"
     else:
         model = T5ForConditionalGeneration(T5Config(**kw))

@@ -419,3 +419,31 @@ def test_8bit_embedding_table_is_the_torch_grid_exactly_in_both_graphs(tiny_lm, 
     report, _ = _run(tiny_lm, out, "lm-int4", "--set", "embeddings=int8", "--set", "lm_head=int8")
     assert _gathers(out / "model.onnx") == [("GatherBlockQuantized", 8, False)]
     assert next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]["embeddings"] == "int8"
+
+
+def test_qwen2_default_is_the_genai_graph_with_its_qkv_biases(tmp_path):
+    """--target cpu on a Qwen2 decoder (biases on q/k/v, the builder's other mapped layout) is lm-int8-genai: the
+    builder's graph with 8-bit tables, inside the gate, and onnxruntime-genai generates from the folder as it is."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import torch
+
+    from compress import random_lm
+
+    torch.set_num_threads(1)
+    src = tmp_path / "qwen2-tiny"
+    random_lm.save("qwen2-tiny", src, train_steps=60)
+    out = tmp_path / "q"
+    res = _invoke(["run", str(src), "--out", str(out), *FAST])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["name"] == "lm-int8-genai"
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "qwen2"
+    assert _nbits(out / "model.onnx") == {8: 11} and abs(_eval(report, "ppl")["rise_percent"]) < 1
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=10, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([[2, 5, 9]], dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert len(gen.get_sequence(0)) == 10
