@@ -180,7 +180,7 @@ def run(sets, max_drop, min_drop, shapes, runs, threads, evals, fmt, max_ppl_ris
     overrides, flags = _overrides(sets, max_drop=max_drop, min_drop=min_drop)
     cfg = RunConfig(**fields, evals=tuple(evals) or ("fidelity",), overrides=overrides, override_flags=flags,
                     formats=("onnx", fmt) if fmt != "onnx" else ("onnx",),
-                    latency=_latency_config(shapes, runs or 50, threads), gen_runs=runs,
+                    latency=_latency_config(shapes, 50 if runs is None else runs, threads), gen_runs=runs,
                     max_ppl_rise=_percent(max_ppl_rise))  # fmt: skip
     folder, report = pipeline.run(cfg, progress=_Clock(), on_latency=_latency_progress())
     click.echo("")

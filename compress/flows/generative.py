@@ -212,7 +212,12 @@ class GenerativeFlow:
                 )
         check_lengths(
             config,
-            gen_profile_config(cfg.latency.shapes, cfg.gen_runs or GEN_RUNS, cfg.latency.threads, cfg.new_tokens),
+            gen_profile_config(
+                cfg.latency.shapes,
+                GEN_RUNS if cfg.gen_runs is None else cfg.gen_runs,
+                cfg.latency.threads,
+                cfg.new_tokens,
+            ),
         )
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
@@ -223,7 +228,9 @@ class GenerativeFlow:
         path = resolve_path(cfg.model)
         progress(f"loading {cfg.model} ({kind})")
         model, tokenizer = load_torch(path, kind)
-        lat_cfg = gen_profile_config(cfg.latency.shapes, cfg.gen_runs or GEN_RUNS, cfg.latency.threads, cfg.new_tokens)
+        lat_cfg = gen_profile_config(
+            cfg.latency.shapes, GEN_RUNS if cfg.gen_runs is None else cfg.gen_runs, cfg.latency.threads, cfg.new_tokens
+        )
         causal = kind == "text-generation"
         length = context_length(model.config.to_dict())
         calibration, heldout = calibration_and_heldout(shipped_sentences())
