@@ -11,7 +11,6 @@ A failed run leaves nothing half-written; an existing result is replaced only wi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -24,10 +23,10 @@ from compress.core.fs import check_out_dir, staged_folder
 from compress.core.kinds import ModelKind
 from compress.core.models import load_model, model_kind, resolve_path
 from compress.flows import SCHEMA, Flow, ProfileRequest, ProfileResult, flow_for, flow_named, npu, profiler_for
+from compress.flows.generative import genai_unsupported
 from compress.recipe import apply_overrides, check_applicable, load_recipe
 from compress.stages.delta_io import apply_kept, delta_tensors, fingerprint, first_mismatch, load_delta
 from compress.steps import Run, RunConfig, default_out, read_labelled_pairs
-from export.genai_graph import ARCHITECTURES
 from profiles import DeviceProfile, load_profile, missing_requirements
 
 __all__ = [
@@ -84,10 +83,8 @@ def default_recipe(kind: ModelKind, model: str) -> str | None:
     """The recipe cpu-default stands for on a model kind it is not built for (None: cpu-default itself). A causal LM
     of an architecture the genai exporter maps gets ``lm-int8-genai`` where onnxruntime-genai is installed (smollm2:
     1.6x dynamic-int8's decode speed at about its perplexity, README "Language models"), else ``dynamic-int8``."""
-    if kind == "causal-lm" and importlib.util.find_spec("onnxruntime_genai") is not None:
-        config = json.loads((resolve_path(model) / "config.json").read_text())
-        if config.get("model_type") in ARCHITECTURES:
-            return GENAI_DEFAULT
+    if kind == "causal-lm" and genai_unsupported(json.loads((resolve_path(model) / "config.json").read_text())) is None:
+        return GENAI_DEFAULT
     return KIND_DEFAULTS.get(kind)
 
 

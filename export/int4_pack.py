@@ -114,10 +114,10 @@ def pack_int4(src: Path, dst: Path, weights_kn: dict[str, tuple[np.ndarray, obje
         raise ValueError(f"int4 packing found no MatMul for {len(missing)} layer(s), e.g. {missing[0]}")
     groups: dict[object, list[str]] = defaultdict(list)  # format -> MatMul node names to pack
     gathers8 = {}  # ORT's quantize_gather writes 4 bits whatever it is asked: 8-bit tables are written here
+    op_of = {n.name: n.op_type for n in model.graph.node}
     for name, node in nodes_of.items():
         w, fmt = weights_kn[name]
-        is_gather = next(n for n in model.graph.node if n.name == node).op_type == "Gather"
-        if is_gather and getattr(fmt, "bits", 4) == 8:
+        if op_of[node] == "Gather" and getattr(fmt, "bits", 4) == 8:
             gathers8[node] = (w, fmt)
         else:
             groups[fmt].append(node)

@@ -14,6 +14,7 @@ text (compress.core.lm_eval): torch stages calibrate and train on the calibratio
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -177,6 +178,23 @@ def gen_profile_config(shapes, runs: int, threads: int, new_tokens: int) -> GenP
     )
 
 
+def run_profile_config(cfg) -> GenProfileConfig:
+    """What `compress run` times for a generative model: the run's shapes and threads, ``GEN_RUNS`` generations per
+    shape and model unless --runs said otherwise."""
+    runs = GEN_RUNS if cfg.gen_runs is None else cfg.gen_runs
+    return gen_profile_config(cfg.latency.shapes, runs, cfg.latency.threads, cfg.new_tokens)
+
+
+def genai_unsupported(config: dict) -> str | None:
+    """Why onnxruntime-genai's builder graph cannot be made here for a model with this config.json (None: it can):
+    an architecture ``export.genai_graph`` does not map, or onnxruntime-genai not installed."""
+    if config.get("model_type") not in ARCHITECTURES:
+        return f"mapped for {', '.join(ARCHITECTURES)} decoders, not {config.get('model_type')!r}: use lm-int4-eora"
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return 'its model builder needs pip install "onnxruntime-genai>=0.18" (in the [lm] extra)'
+    return None
+
+
 class GenerativeFlow:
     name = "generative"
     levels = ("torch", "onnx")
@@ -197,28 +215,12 @@ class GenerativeFlow:
         if not cfg.max_ppl_rise >= 0:
             raise CompressError(f"--max-ppl-rise {cfg.max_ppl_rise:g} must be >= 0 (percent of the float perplexity)")
         config = json.loads((resolve_path(cfg.model) / "config.json").read_text())
-        if run.recipe.export == "genai":
-            import importlib.util
-
-            if config.get("model_type") not in ARCHITECTURES:
-                raise CompressError(
-                    f'recipe {run.recipe.name} exports onnxruntime-genai\'s builder graph (export = "genai"), mapped '
-                    f"for {', '.join(ARCHITECTURES)} decoders, not {config.get('model_type')!r}: use lm-int4-eora"
-                )
-            if importlib.util.find_spec("onnxruntime_genai") is None:
-                raise CompressError(
-                    f'recipe {run.recipe.name} exports with onnxruntime-genai\'s model builder (export = "genai"): '
-                    'pip install "onnxruntime-genai>=0.18" (in the [lm] extra)'
-                )
-        check_lengths(
-            config,
-            gen_profile_config(
-                cfg.latency.shapes,
-                GEN_RUNS if cfg.gen_runs is None else cfg.gen_runs,
-                cfg.latency.threads,
-                cfg.new_tokens,
-            ),
-        )
+        why = genai_unsupported(config) if run.recipe.export == "genai" else None
+        if why:
+            raise CompressError(
+                f'recipe {run.recipe.name} exports onnxruntime-genai\'s builder graph (export = "genai"): {why}'
+            )
+        check_lengths(config, run_profile_config(cfg))
 
     def run(self, run: Run, staging: Path, work: Path, progress: Progress, on_latency) -> dict:
         """Export, compress (torch stages, then every ONNX file), check the artefact still generates, score it
@@ -228,9 +230,7 @@ class GenerativeFlow:
         path = resolve_path(cfg.model)
         progress(f"loading {cfg.model} ({kind})")
         model, tokenizer = load_torch(path, kind)
-        lat_cfg = gen_profile_config(
-            cfg.latency.shapes, GEN_RUNS if cfg.gen_runs is None else cfg.gen_runs, cfg.latency.threads, cfg.new_tokens
-        )
+        lat_cfg = run_profile_config(cfg)
         causal = kind == "text-generation"
         length = context_length(model.config.to_dict())
         calibration, heldout = calibration_and_heldout(shipped_sentences())
