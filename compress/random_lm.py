@@ -10,7 +10,7 @@ Configs (parameter counts printed on save):
   with 4 query heads over 2 key/value heads, tied embeddings) at width 64, 2 layers (tests of the LM stages).
   ``--train-steps N`` fits it for N steps to the shipped sentences, so its perplexity means something (a few seconds).
 - ``qwen2-tiny``: the same at Qwen2's architecture (biases on the q/k/v projections), for the genai exporter's
-  other mapped architecture.
+  other mapped architecture; ``mistral-tiny``: Mistral's (a sliding attention window, an untied head), its third.
 - ``t5-small``: the published t5-small config (d_model 512, d_kv 64, d_ff 2048, 6 encoder + 6 decoder layers,
   8 heads, relative attention, vocab 32128, tied embeddings): 60.5 M parameters.
 - ``gpt2-narrow``: GPT-2 small's architecture (pre-LN, learned positions, GELU, FFN 4x) narrowed to t5-small's
@@ -45,6 +45,10 @@ def _configs(vocab: int) -> dict[str, tuple[str, dict]]:
         "qwen2-tiny": ("qwen2", dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=1)),
+        "mistral-tiny": ("mistral", dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         sliding_window=256, tie_word_embeddings=False, bos_token_id=0,
+                                         eos_token_id=0, pad_token_id=1)),
         "gpt2-narrow": ("gpt2", dict(vocab_size=32128, n_positions=1024, n_embd=512, n_layer=14, n_head=8,
                                      n_inner=2048, bos_token_id=0, eos_token_id=0)),
     }

@@ -71,3 +71,11 @@ def test_genai_export_is_for_causal_lms_and_torch_stages_only(tmp_path):
     assert recipe.export == "genai" and recipe.as_dict()["export"] == "genai"
     with pytest.raises(CompressError, match="for causal LMs only"):
         check_applicable(recipe, "encoder", load_profile("cpu"))
+
+
+def test_lm_head_block_size_is_checked_when_the_recipe_is_read():
+    bad = {"stages": [{"type": "quant.int4", "lm_head": "int4", "lm_head_block_size": 100}]}
+    with pytest.raises(CompressError, match="lm_head_block_size=100 must be 0"):
+        parse_recipe(bad, "x", "x.toml")
+    ok = parse_recipe({"stages": [{"type": "quant.int4", "lm_head": "int4", "lm_head_block_size": 128}]}, "x", "x")
+    assert ok.stages[0].config.lm_head_block_size == 128

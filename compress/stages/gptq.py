@@ -56,14 +56,19 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block: int, symmetric: bool = False
     import torch
 
     out_f, in_f = w.shape
-    if in_f % block:
-        raise ValueError(f"in_features {in_f} is not a multiple of the block size {block}")
-    W = torch.from_numpy(np.asarray(w, np.float32)).clone()
-    H = torch.from_numpy(np.asarray(hessian, np.float64)).clone()
+    if grid is not None and in_f % block:
+        raise ValueError(f"in_features {in_f} is not a multiple of the source grid's block {block}")
+    # a partial last block (smollm2's head: 576 = 4.5 x 128) as MatMulNBits holds it: zero weights padded to a whole
+    # block, which land on the block's zero point exactly (0 is always on the grid) and are cut from ``weight``
+    pad = -in_f % block
+    W = torch.from_numpy(np.pad(np.asarray(w, np.float32), ((0, 0), (0, pad)))).clone()
+    H = torch.from_numpy(np.pad(np.asarray(hessian, np.float64), ((0, pad), (0, pad)))).clone()
+    k = in_f
+    in_f += pad
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, dtype=H.dtype)
+    H += damp * torch.mean(torch.diag(H)[:k]) * torch.eye(in_f, dtype=H.dtype)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     codes = torch.zeros((out_f, in_f), dtype=torch.int64)
     n_blocks = in_f // block
@@ -88,7 +93,7 @@ def gptq(w: np.ndarray, hessian: np.ndarray, block: int, symmetric: bool = False
         W[:, hi:] -= err @ hinv[lo:hi, hi:]
     c = codes.numpy().astype(np.uint8)
     s, z = scales.numpy().astype(np.float32), zeros.numpy()
-    weight = ((c.reshape(out_f, n_blocks, block) - z[..., None]) * s[..., None]).reshape(out_f, in_f)
+    weight = ((c.reshape(out_f, n_blocks, block) - z[..., None]) * s[..., None]).reshape(out_f, in_f)[:, :k]
     zp = None
     if not symmetric:
         zc = z.astype(np.uint8)

@@ -8,7 +8,7 @@ the exporter packs the same numbers into ``MatMulNBits`` (``export.int4_pack``),
 ``bits = 8`` puts the layers on MatMulNBits' 8-bit grid instead (round to nearest; a source grid is not kept, GPTQ
 is 4-bit only). Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
 projections), and the LM head and the token embeddings have their own settings: ``lm_head`` float | int8 (8-bit
-MatMulNBits, block-wise symmetric) | int4, ``embeddings`` float | int8 | int4 (GatherBlockQuantized, blocks along
+MatMulNBits, block-wise symmetric) | int4 (its own ``lm_head_block_size`` if set), ``embeddings`` float | int8 | int4 (GatherBlockQuantized, blocks along
 the hidden dimension; int4 asymmetric on ORT's ``DefaultWeightOnlyQuantizer`` grid, int8 symmetric on MatMulNBits'
 8-bit grid: ``export.int4_pack.gather_table``). A tied head and embedding are untied
 first when they get different grids. On SmolLM2-135M the head holds much of int4's loss (perplexity 84.8 with an
@@ -32,6 +32,7 @@ from compress.core.models import default_layers, linear_layers
 from compress.stages.base import StageError, TorchContext
 from compress.stages.gptq import gptq
 from compress.stages.grids import (
+    BLOCK_SIZES,
     check_block_size,
     int4_table,
     int4_weight,
@@ -61,6 +62,9 @@ class Int4Quant:
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86 CPUs), 0 = fp32
     layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
     lm_head: str = "float"  # language models: float | int8 | int4
+    # the head's own block size (0: block_size). smollm2: its 49152 x 576 head is ~1/5 of a decode step's weights, and
+    # blocks of 128 (576 = 4.5 blocks: MatMulNBits pads the last) decode it faster than 32 (README, Language models)
+    lm_head_block_size: int = 0
     embeddings: str = "float"  # language models: float | int8 | int4 (GatherBlockQuantized)
     # rtn: round to nearest; gptq: GPTQ on the 4-bit layers (compress.stages.gptq), Hessians from the calibration
     # text through the float model (one pass; a layer on a source grid keeps it, embeddings and 8-bit heads stay RTN)
@@ -70,6 +74,9 @@ class Int4Quant:
 
     def __post_init__(self) -> None:
         check_block_size("quant.int4", self.block_size)
+        if self.lm_head_block_size and self.lm_head_block_size not in BLOCK_SIZES:
+            raise StageError(f"quant.int4: lm_head_block_size={self.lm_head_block_size} must be 0 (= block_size) or "
+                             f"one of {', '.join(map(str, BLOCK_SIZES))}")  # fmt: skip
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise StageError(f"quant.int4: accuracy_level={self.accuracy_level} must be 0..4")
         if self.bits not in (4, 8):
@@ -104,7 +111,8 @@ def _head_and_embeddings(cfg: Int4Quant, lm) -> dict:
     model = lm.model
     if lm.task != "text-generation" or model.get_output_embeddings() is None:
         raise StageError("quant.int4: lm_head / embeddings apply to causal language models: leave them 'float'")
-    if cfg.lm_head != cfg.embeddings:
+    head_block = cfg.lm_head_block_size or cfg.block_size
+    if cfg.lm_head != cfg.embeddings or head_block != cfg.block_size:
         untie(model)
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
@@ -112,7 +120,7 @@ def _head_and_embeddings(cfg: Int4Quant, lm) -> dict:
     if cfg.lm_head != "float":
         bits = 8 if cfg.lm_head == "int8" else 4
         sym = True if bits == 8 else cfg.symmetric
-        fmt = Int4Format(cfg.block_size, sym, cfg.accuracy_level, bits)
+        fmt = Int4Format(head_block, sym, cfg.accuracy_level, bits)
         out[names[id(head)]] = (head, fmt, lambda w, f=fmt: int4_weight(w, f.block_size, f.symmetric, f.bits))
     if cfg.embeddings == "int4":
         fmt = Int4Format(cfg.block_size, False, cfg.accuracy_level)

@@ -15,6 +15,13 @@ That is what a source already on a 16-level grid per block leaves, e.g. a GGUF Q
 32, llama.cpp's grid) put on MatMulNBits' asymmetric grid: the codes q and scales d are kept, and only the float
 offset m, which MatMulNBits' integer zero point cannot hold (w = d·(q − z)), is left: ΔW = m + d·z per block. The
 compensation then restores the source weights exactly (SmolLM2-135M: README, Language models).
+
+``offset_share`` < 1 (causal LMs) keeps the exact offsets only on that share of the distinct inputs (layers reading
+one tensor, e.g. Q/K/V, form one): each offset costs decode time in the deployed graph (a block-mean node and a
+Concat per input, ``export.genai_graph``) and they do not all carry the same loss. Each input group is scored by the
+next-token loss on the calibration text with only that group's offsets rounded (every other one exact); the groups
+whose rounding costs least stay on the integer zero point, uncompensated. Stands beside per-layer sensitivity scans
+(HAWQ's, quant.mixed's context term) measured directly on the loss.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class LowRank:
     calibration_samples: int = 64
     eig_floor: float = 1e-6  # eigenvalues below floor * largest are clamped to it
     exact_offsets: bool = True  # an int4 residual that is constant per block: exact factors, no calibration
+    offset_share: float = 1.0  # causal LMs: share of input groups keeping exact offsets (by measured loss); 1: all
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -45,6 +53,8 @@ class LowRank:
             raise StageError(f"lowrank: explained={self.explained} must be in [0, 1)")
         if self.calibration_samples < 1 or not 0 < self.eig_floor < 1:
             raise StageError("lowrank: calibration_samples must be >= 1 and eig_floor in (0, 1)")
+        if not 0.0 <= self.offset_share <= 1.0:
+            raise StageError(f"lowrank: offset_share={self.offset_share} must be in [0, 1]")
 
 
 @functools.cache
@@ -274,6 +284,7 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
     texts = list(ctx.calibration[: cfg.calibration_samples])
     per_layer = []
     exact = []
+    found: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # name -> (ΔW, its block offsets, block)
     if cfg.exact_offsets:
         for name in targets:
             fmt = lm.int4_layers.get(name)
@@ -282,9 +293,18 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
             dw = originals[name] - current[name].weight.detach().double().numpy()
             offsets = block_offsets(dw, fmt.block_size)
             if offsets is not None:
-                per_layer.append(_offset_layer(lm, name, originals[name], dw, offsets, fmt.block_size))
-                exact.append(name)
-    calibrated = [n for n in targets if n not in exact]
+                found[name] = (dw, offsets, fmt.block_size)
+    groups_report: list[dict] = []
+    if found and cfg.offset_share < 1:
+        if lm.task != "text-generation":
+            raise StageError(f"{stage}: offset_share < 1 scores offsets by next-token loss: causal LMs only")
+        groups_report = _offsets_that_pay(lm, found, originals, texts, cfg.offset_share, ctx.progress)
+    rounded = {n for g in groups_report if not g["kept"] for n in g["layers"]}
+    for name, (dw, offsets, block) in found.items():
+        if name not in rounded:
+            per_layer.append(_offset_layer(lm, name, originals[name], dw, offsets, block))
+            exact.append(name)
+    calibrated = [n for n in targets if n not in found]
     found = decoder_blocks(lm) if calibrated else None
     stream = BlockStream(lm, texts, *found) if found is not None else None
     # Module order, earlier layers first; each group's activations come from the already compensated model.
@@ -303,9 +323,15 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
                 lm.int4_tables[f"{name}.base"] = lm.int4_tables.pop(name)
     done = [r for r in per_layer if "rank" in r and "exact" not in r]
     mean = lambda key: round(float(np.mean([r[key] for r in done])), 5) if done else None
+    offsets_report = {
+        "offset_groups_kept": sum(g["kept"] for g in groups_report),
+        "offset_layers_rounded": len(rounded),
+        "offset_groups": groups_report,
+    }
     return lm, {
         "layers": len(done) + len(exact),
         "exact_offset_layers": len(exact),
+        **(offsets_report if groups_report else {}),
         "skipped": len(per_layer) - len(done) - len(exact),
         "mean_error_before": mean("error_before"),
         "mean_error_after": mean("error_after"),
@@ -313,6 +339,58 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
         "error_norm": "activation-weighted relative: ||dW X|| / ||W X||",
         "per_layer": per_layer,
     }
+
+
+def _next_token_loss(lm, texts: list[str], batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of the torch model on ``texts`` (padding masked)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = lm.tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=lm.max_length,
+                               return_tensors="pt")  # fmt: skip
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(lm.model(**enc, labels=labels, use_cache=False).loss) * n
+            count += n
+    return total / max(count, 1)
+
+
+def _offsets_that_pay(lm, found: dict, originals: dict, texts: list[str], share: float, progress) -> list[dict]:
+    """Input groups of the exact-offset layers, each with the calibration loss it adds when only its offsets are
+    rounded, and whether it keeps them (the ``share`` of groups that add most). The weights end as they came."""
+    import torch
+
+    progress = progress or (lambda msg: None)
+    names = list(found)
+    modules = {n: lm.model.get_submodule(n) for n in names}
+    rounded = {n: m.weight.detach().clone() for n, m in modules.items()}
+    exact = {n: torch.from_numpy(originals[n]).to(rounded[n].dtype) for n in names}
+
+    def put(weights: dict) -> None:
+        with torch.no_grad():
+            for n, w in weights.items():
+                modules[n].weight.copy_(w)
+
+    groups = _input_groups(lm, names, texts)
+    rows = []
+    try:
+        put(exact)
+        base = _next_token_loss(lm, texts)
+        for i, group in enumerate(groups):
+            put({n: rounded[n] for n in group})
+            rows.append({"layers": group, "loss_increase": round(_next_token_loss(lm, texts) - base, 6)})
+            put({n: exact[n] for n in group})
+            if (i + 1) % max(len(groups) // 5, 1) == 0 or i + 1 == len(groups):
+                progress(f"  offsets: scored {i + 1}/{len(groups)} input groups (loss with only theirs rounded)")
+    finally:
+        put(rounded)
+    keep = round(share * len(rows))
+    ranked = sorted(range(len(rows)), key=lambda i: rows[i]["loss_increase"], reverse=True)
+    for rank, i in enumerate(ranked):
+        rows[i]["kept"] = rank < keep
+    return rows
 
 
 def _replace(lm, name: str, a: np.ndarray, b: np.ndarray) -> None:
