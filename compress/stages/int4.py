@@ -62,8 +62,8 @@ class Int4Quant:
     accuracy_level: int = 4  # MatMulNBits compute type: 4 = int8 activations (fast on x86 CPUs), 0 = fp32
     layers: tuple[str, ...] = ()  # fnmatch patterns over nn.Linear names; empty: *encoder* / decoder *layers.*
     lm_head: str = "float"  # language models: float | int8 | int4
-    # the head's own block size (0: block_size). smollm2: its 49152 x 576 head is ~1/5 of a decode step's weights, and
-    # blocks of 128 (576 = 4.5 blocks: MatMulNBits pads the last) decode it faster than 32 (README, Language models)
+    # the head's own block size (0: block_size). smollm2: its 49152 x 576 head is ~1/5 of a decode step's weights;
+    # blocks of 64 / 128 (576 = 4.5 blocks: MatMulNBits pads the last) run it faster than 32, at some perplexity
     lm_head_block_size: int = 0
     embeddings: str = "float"  # language models: float | int8 | int4 (GatherBlockQuantized)
     # rtn: round to nearest; gptq: GPTQ on the 4-bit layers (compress.stages.gptq), Hessians from the calibration

@@ -284,7 +284,7 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
     texts = list(ctx.calibration[: cfg.calibration_samples])
     per_layer = []
     exact = []
-    found: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # name -> (ΔW, its block offsets, block)
+    with_offsets: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}  # name -> (ΔW, its block offsets, block)
     if cfg.exact_offsets:
         for name in targets:
             fmt = lm.int4_layers.get(name)
@@ -293,18 +293,18 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
             dw = originals[name] - current[name].weight.detach().double().numpy()
             offsets = block_offsets(dw, fmt.block_size)
             if offsets is not None:
-                found[name] = (dw, offsets, fmt.block_size)
+                with_offsets[name] = (dw, offsets, fmt.block_size)
     groups_report: list[dict] = []
-    if found and cfg.offset_share < 1:
+    if with_offsets and cfg.offset_share < 1:
         if lm.task != "text-generation":
             raise StageError(f"{stage}: offset_share < 1 scores offsets by next-token loss: causal LMs only")
-        groups_report = _offsets_that_pay(lm, found, originals, texts, cfg.offset_share, ctx.progress)
+        groups_report = _offsets_that_pay(lm, with_offsets, originals, texts, cfg.offset_share, ctx.progress)
     rounded = {n for g in groups_report if not g["kept"] for n in g["layers"]}
-    for name, (dw, offsets, block) in found.items():
+    for name, (dw, offsets, block) in with_offsets.items():
         if name not in rounded:
             per_layer.append(_offset_layer(lm, name, originals[name], dw, offsets, block))
             exact.append(name)
-    calibrated = [n for n in targets if n not in found]
+    calibrated = [n for n in targets if n not in with_offsets]
     found = decoder_blocks(lm) if calibrated else None
     stream = BlockStream(lm, texts, *found) if found is not None else None
     # Module order, earlier layers first; each group's activations come from the already compensated model.
@@ -342,7 +342,7 @@ def compensate(cfg: LowRank, lm, ctx: TorchContext, whiten: bool):
 
 
 def _next_token_loss(lm, texts: list[str], batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of the torch model on ``texts`` (padding masked)."""
+    """Mean next-token cross-entropy of the torch model on ``texts`` (padding masked, as ``random_lm.train``'s loss)."""
     import torch
 
     total, count = 0.0, 0
