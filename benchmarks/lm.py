@@ -21,7 +21,7 @@ perplexity chunks). Writes benchmarks/results/lm.{json,md,png}. Finished recipe 
 from __future__ import annotations
 
 import argparse
-import fcntl
+import functools
 import json
 import os
 import random
@@ -34,8 +34,17 @@ from pathlib import Path
 
 import numpy as np
 from _results import save
+from _timing import interleaved
 
-RECIPES = ("dynamic-int8", "lm-int4", "lm-int4-eora", "lm-int4-eora-genai", "lm-mixed", "lm-ffn-25")
+RECIPES = (
+    "dynamic-int8",
+    "lm-int4",
+    "lm-int4-eora",
+    "lm-int4-eora-genai",
+    "lm-int4-eora-genai-fast",
+    "lm-mixed",
+    "lm-ffn-25",
+)
 PROMPT, NEW = 32, 64
 
 
@@ -368,20 +377,12 @@ def main() -> None:
     names = list(timed)
     for n in names:
         timed[n].generate(prompt, 4)  # warm-up
-    samples: dict[str, list] = {n: [] for n in names}
-    with open("/tmp/edge-bench.lock", "w") as lock:
-        log("waiting for /tmp/edge-bench.lock")
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        load_timing = os.getloadavg()
-        t_loop = time.perf_counter()
-        for r in range(a.runs):
-            for k in range(len(names)):
-                n = names[(r + k) % len(names)]
-                settle()  # the previous variant's spinning ORT workers sleep first (runtimes.profiler)
-                samples[n].append(timed[n].generate(prompt, NEW))
-            log(f"timing round {r + 1}/{a.runs}")
-        loop_s = time.perf_counter() - t_loop
-        load_timing_end = os.getloadavg()
+    log("waiting for the benchmarks' lock, then the timing loop")
+    t_loop = time.perf_counter()
+    generations = {n: functools.partial(timed[n].generate, prompt, NEW) for n in names}
+    samples, load_timing, load_timing_end = interleaved(generations, a.runs, settle, lambda m: log(f"timing {m}"))
+    del generations
+    loop_s = time.perf_counter() - t_loop
     del timed
     base = "fp32 (optimum export)"
     med = {n: (statistics.median(s[0] for s in v), statistics.median(s[1] for s in v)) for n, v in samples.items()}
@@ -399,6 +400,16 @@ def main() -> None:
         row.update(ttft_ms=round(ttft * 1e3, 1), decode_tok_s=round((NEW - 1) / dec, 2),
                    decode_vs_fp32=round((NEW - 1) / dec / base_tps, 2), ttft_vs_fp32=round(ttft / med[base][0], 2),
                    decode_tok_s_all=[round((NEW - 1) / s[1], 2) for s in samples[n]])  # fmt: skip
+    # decode speed against the builder's int4 model in the same runtime, paired per round (the median of each round's
+    # ratio: both ran in that round, a few seconds apart, so a slow stretch of the shared host hits both)
+    builder = "onnxruntime-genai builder int4"
+    for n in names:
+        ref = builder + (" (og.Generator)" if n.endswith(" (og.Generator)") else "")
+        if ref in samples and "llama.cpp" not in n:
+            ratios = [b[1] / s[1] for s, b in zip(samples[n], samples[ref])]
+            by_label[n]["decode_vs_builder_int4_paired"] = round(statistics.median(ratios), 3)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            by_label[n]["decode_vs_builder_int4_q25_q75"] = [round(q[0], 3), round(q[2], 3)]
     for row in rows:
         kind = "og" if row["runtime"].startswith("onnxruntime-genai") else row["kind"]
         path = Path(row["path"]).parent if kind == "og" else Path(row["path"])
@@ -421,8 +432,8 @@ def main() -> None:
         "calibration_text": str(calib),
         "load_avg_1min": {
             "start": round(load_start[0], 2),
-            "timing_start": round(load_timing[0], 2),
-            "timing_end": round(load_timing_end[0], 2),
+            "timing_start": round(load_timing, 2),
+            "timing_end": round(load_timing_end, 2),
             "end": round(os.getloadavg()[0], 2),
         },  # fmt: skip
         "timing_loop_s": round(loop_s, 1),
@@ -441,6 +452,8 @@ def main() -> None:
                             if m
                             in (
                                 "layers",
+                                "exact_offset_layers",
+                                "offset_groups_kept",
                                 "moves_applied",
                                 "moves_total",
                                 "chosen_drop",
@@ -482,14 +495,20 @@ def table(out: dict) -> str:
         f"prompt, {out['new_tokens']} greedy tokens, medians; decode tok/s = the {out['new_tokens'] - 1} steps after the "
         "first token. Peak RSS: fresh process, load + one generation (VmHWM).",
         "",
-        "| variant | runtime | perplexity | vs fp32 | KL | top-1 | MB | MB vs fp32 | TTFT ms | decode tok/s | decode vs fp32 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Decode vs builder int4: each round's ratio to the builder's int4 model in the same runtime, median (q25-q75).",
+        "",
+        "| variant | runtime | perplexity | vs fp32 | KL | top-1 | MB | MB vs fp32 | TTFT ms | decode tok/s | decode vs fp32 "
+        "| decode vs builder int4 | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["rows"]:
+        q = r.get("decode_vs_builder_int4_q25_q75")
+        vs_builder = f"{r['decode_vs_builder_int4_paired']} ({q[0]}-{q[1]})" if q else "n/a"
         lines.append(
             f"| {r['variant']} | {r.get('runtime', '')} | {r['ppl']:.2f} | {r['ppl_rise_percent']:+.1f}% | {r['kl']:.4f} | "
             f"{r['top1']:.3f} | {r['mb']:.1f} | {r['mb_vs_fp32']:.2f} | {r.get('ttft_ms', 'n/a')} | "
-            f"{r.get('decode_tok_s', 'n/a')} | {r.get('decode_vs_fp32', 'n/a')} | {r.get('peak_rss_mb') or 'n/a'} |"
+            f"{r.get('decode_tok_s', 'n/a')} | {r.get('decode_vs_fp32', 'n/a')} | {vs_builder} | "
+            f"{r.get('peak_rss_mb') or 'n/a'} |"
         )
     for name, why in out.get("refused", {}).items():
         lines.append(f"| compress {name} | refused by the run | {why} |")
@@ -500,7 +519,8 @@ def table(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-SHORT = (("onnxruntime-genai builder int", "genai builder int"), (":lm_head=int8+method=rtn", ", 8-bit head"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
+SHORT = (("onnxruntime-genai builder int", "genai builder int"), (":lm_head=int8+method=rtn", ", 8-bit head"),
+         (":offset_score=kl", ", KL-ranked"), ("ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)",
          "ORT RTN int4"), ("llama.cpp Q4_1 GGUF (original)", "llama.cpp Q4_1"), ("fp32 (optimum export)", "fp32"),
          ("(og.Generator)", "[og]"), ("compress ", ""))  # fmt: skip
 

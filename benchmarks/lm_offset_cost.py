@@ -13,9 +13,7 @@ no offsets). Writes benchmarks/results/lm_offset_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -24,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from _results import save
+from _timing import interleaved
 from lm import NEW, PROMPT, OrtDecoder, log
 
 
@@ -87,17 +86,12 @@ def main() -> None:
     prompt = list(range(100, 100 + PROMPT))
     for d in dec.values():
         d.generate(prompt, 4)
-    names, samples = list(dec), {k: [] for k in dec}
-    with open("/tmp/edge-bench.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        load = os.getloadavg()[0]
-        for r in range(a.runs):
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
-                settle()
-                samples[name].append((NEW - 1) / dec[name].generate(prompt, NEW)[1])
-            log(f"round {r + 1}/{a.runs}")
-        load_end = os.getloadavg()[0]
+    names = list(dec)
+
+    def decode(name: str):
+        return lambda: (NEW - 1) / dec[name].generate(prompt, NEW)[1]
+
+    samples, load, load_end = interleaved({n: decode(n) for n in names}, a.runs, settle, log)
     base = statistics.median(samples[names[0]])
     rows = [{"variant": k, "nodes": nodes[k], "decode_tok_s": round(statistics.median(v), 2),
              "vs_builder": round(statistics.median(v) / base, 3)} for k, v in samples.items()]  # fmt: skip

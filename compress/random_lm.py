@@ -93,6 +93,8 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any]:
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         T5Config,
@@ -106,7 +108,7 @@ def build(name: str, seed: int = 0) -> tuple[Any, Any]:
     arch, kw = configs[name]
     torch.manual_seed(seed)
     causal = {"gpt2": (GPT2Config, GPT2LMHeadModel), "llama": (LlamaConfig, LlamaForCausalLM),
-              "qwen2": (Qwen2Config, Qwen2ForCausalLM)}  # fmt: skip
+              "qwen2": (Qwen2Config, Qwen2ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}  # fmt: skip
     if arch in causal:
         config_cls, model_cls = causal[arch]
         model = model_cls(config_cls(**kw))

@@ -79,3 +79,5 @@ def test_lm_head_block_size_is_checked_when_the_recipe_is_read():
         parse_recipe(bad, "x", "x.toml")
     ok = parse_recipe({"stages": [{"type": "quant.int4", "lm_head": "int4", "lm_head_block_size": 128}]}, "x", "x")
     assert ok.stages[0].config.lm_head_block_size == 128
+    with pytest.raises(CompressError, match="lm_head_grid='sym' must be one of body, symmetric, asymmetric"):
+        parse_recipe({"stages": [{"type": "quant.int4", "lm_head_grid": "sym"}]}, "x", "x.toml")

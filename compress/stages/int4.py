@@ -8,7 +8,7 @@ the exporter packs the same numbers into ``MatMulNBits`` (``export.int4_pack``),
 ``bits = 8`` puts the layers on MatMulNBits' 8-bit grid instead (round to nearest; a source grid is not kept, GPTQ
 is 4-bit only). Language models (``causal-lm``): ``layers`` defaults to the decoder blocks (``*layers.*``: q/k/v/o and gate/up/down
 projections), and the LM head and the token embeddings have their own settings: ``lm_head`` float | int8 (8-bit
-MatMulNBits, block-wise symmetric) | int4 (its own ``lm_head_block_size`` if set), ``embeddings`` float | int8 | int4 (GatherBlockQuantized, blocks along
+MatMulNBits, block-wise symmetric) | int4 (its own ``lm_head_block_size`` and ``lm_head_grid`` if set), ``embeddings`` float | int8 | int4 (GatherBlockQuantized, blocks along
 the hidden dimension; int4 asymmetric on ORT's ``DefaultWeightOnlyQuantizer`` grid, int8 symmetric on MatMulNBits'
 8-bit grid: ``export.int4_pack.gather_table``). A tied head and embedding are untied
 first when they get different grids. On SmolLM2-135M the head holds much of int4's loss (perplexity 84.8 with an
@@ -44,6 +44,7 @@ from compress.stages.lowrank import input_covariances
 __all__ = ["Int4Format", "Int4Quant", "apply_int4", "ort_int4_roundtrip", "untie"]
 
 HEADS = ("float", "int8", "int4")
+HEAD_GRIDS = ("body", "symmetric", "asymmetric")
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class Int4Quant:
     # the head's own block size (0: block_size). smollm2: its 49152 x 576 head is ~1/5 of a decode step's weights;
     # blocks of 64 / 128 (576 = 4.5 blocks: MatMulNBits pads the last) run it faster than 32, at some perplexity
     lm_head_block_size: int = 0
+    # the int4 head's zero points: body (as ``symmetric``) | symmetric | asymmetric. smollm2's head by GPTQ (body
+    # exact; torch): b64 symmetric 64.11 perplexity vs b128 asymmetric 64.52, and the faster MatMulNBits of the two
+    lm_head_grid: str = "body"
     embeddings: str = "float"  # language models: float | int8 | int4 (GatherBlockQuantized)
     # rtn: round to nearest; gptq: GPTQ on the 4-bit layers (compress.stages.gptq), Hessians from the calibration
     # text through the float model (one pass; a layer on a source grid keeps it, embeddings and 8-bit heads stay RTN)
@@ -85,6 +89,8 @@ class Int4Quant:
             raise StageError(
                 f"quant.int4: method='{self.method}' must be rtn or gptq, calibration_samples >= 1, damp in (0, 1)"
             )
+        if self.lm_head_grid not in HEAD_GRIDS:
+            raise StageError(f"quant.int4: lm_head_grid='{self.lm_head_grid}' must be one of {', '.join(HEAD_GRIDS)}")
         if self.lm_head not in HEADS or self.embeddings not in HEADS:
             raise StageError(
                 f"quant.int4: lm_head='{self.lm_head}' and embeddings='{self.embeddings}' must each be one of "
@@ -112,22 +118,23 @@ def _head_and_embeddings(cfg: Int4Quant, lm) -> dict:
     if lm.task != "text-generation" or model.get_output_embeddings() is None:
         raise StageError("quant.int4: lm_head / embeddings apply to causal language models: leave them 'float'")
     head_block = cfg.lm_head_block_size or cfg.block_size
-    if cfg.lm_head != cfg.embeddings or head_block != cfg.block_size:
+    head_bits = 8 if cfg.lm_head == "int8" else 4
+    head_sym = head_bits == 8 or {"body": cfg.symmetric, "symmetric": True, "asymmetric": False}[cfg.lm_head_grid]
+    head_fmt = None if cfg.lm_head == "float" else Int4Format(head_block, head_sym, cfg.accuracy_level, head_bits)
+    emb_fmt = {"float": None, "int4": Int4Format(cfg.block_size, False, cfg.accuracy_level),
+               "int8": Int4Format(cfg.block_size, True, cfg.accuracy_level, 8)}[cfg.embeddings]  # fmt: skip
+    if head_fmt != emb_fmt:
         untie(model)
     names = {id(m): n for n, m in model.named_modules()}
     out = {}
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if cfg.lm_head != "float":
-        bits = 8 if cfg.lm_head == "int8" else 4
-        sym = True if bits == 8 else cfg.symmetric
-        fmt = Int4Format(head_block, sym, cfg.accuracy_level, bits)
-        out[names[id(head)]] = (head, fmt, lambda w, f=fmt: int4_weight(w, f.block_size, f.symmetric, f.bits))
+    if head_fmt is not None:
+        out[names[id(head)]] = (head, head_fmt,
+                                lambda w, f=head_fmt: int4_weight(w, f.block_size, f.symmetric, f.bits))  # fmt: skip
     if cfg.embeddings == "int4":
-        fmt = Int4Format(cfg.block_size, False, cfg.accuracy_level)
-        out[names[id(emb)]] = (emb, fmt, lambda w: int4_table(w, cfg.block_size))
+        out[names[id(emb)]] = (emb, emb_fmt, lambda w: int4_table(w, cfg.block_size))
     elif cfg.embeddings == "int8":  # the 8-bit head's grid (blocks along the hidden dim either way): a tied pair agrees
-        fmt = Int4Format(cfg.block_size, True, cfg.accuracy_level, 8)
-        out[names[id(emb)]] = (emb, fmt, lambda w: int4_weight(w, cfg.block_size, True, 8))
+        out[names[id(emb)]] = (emb, emb_fmt, lambda w: int4_weight(w, cfg.block_size, True, 8))
     return out
 
 
