@@ -55,7 +55,13 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compress.core.data import calibration_and_heldout, shipped_sentences
-    from compress.core.lm_eval import perplexity, sentences_of, token_chunks
+    from compress.core.lm_eval import (
+        next_token_fidelity,
+        perplexity,
+        reference_logprobs,
+        sentences_of,
+        token_chunks,
+    )
     from compress.core.smollm2 import smollm2_path
     from compress.stages.gptq import gptq
 
@@ -76,11 +82,7 @@ def main() -> None:
         with torch.no_grad():
             return model(torch.as_tensor(ids)[None]).logits[0].float().numpy()
 
-    def logprobs() -> list:
-        with torch.no_grad():
-            return [torch.log_softmax(model(torch.as_tensor(c)[None]).logits[0].float(), -1) for c in fid]
-
-    reference = logprobs()
+    reference = reference_logprobs(logits, fid)
     with tempfile.TemporaryDirectory() as tmp:
         hessian = _hessians(model, tok, calib_text(a.ppl_text, Path(tmp) / "calib.txt"))["lm_head"]
     head = model.lm_head
@@ -93,12 +95,10 @@ def main() -> None:
         grid = gptq(w.numpy(), hessian, block, symmetric)
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(grid.weight))
-        out = logprobs()
-        kl = np.mean([float((r.exp() * (r - o)).sum(-1).mean()) for r, o in zip(reference, out)])
-        top1 = np.mean([float((r.argmax(-1) == o.argmax(-1)).float().mean()) for r, o in zip(reference, out)])
+        fidelity = next_token_fidelity(reference, logits, fid)
         rows.append({"head": label, "block": block, "symmetric": symmetric,
-                     "ppl": round(perplexity(logits, chunks)["ppl"], 3), "kl": round(float(kl), 4),
-                     "top1": round(float(top1), 3), "mb": round((grid.packed.nbytes + grid.scales.nbytes +
+                     "ppl": round(perplexity(logits, chunks)["ppl"], 3), "kl": round(fidelity["kl"], 4),
+                     "top1": round(fidelity["top1"], 3), "mb": round((grid.packed.nbytes + grid.scales.nbytes +
                      (0 if grid.zero_points is None else grid.zero_points.nbytes)) / 1e6, 2)})  # fmt: skip
         sessions[label] = head_session(grid, k, n, block)
         print(rows[-1], file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ the calibration text with only that group's offsets rounded (every other one exa
 the next-token loss increase, or ``kl``, the next-token KL divergence to the all-exact model; the groups that cost
 least stay on the integer zero point, uncompensated. The two disagree on smollm2 (README, Language models): half the
 groups dropped by loss keep STS-B perplexity (+1.5%, ``lm-int4-eora-genai-fast``) but move the model on other text
-(KL to the float model 0.18 against 0.04 with every offset); dropped by KL, 0.09 there but +8.2% perplexity. Stands beside per-layer sensitivity scans
-(HAWQ's, quant.mixed's context term) measured directly on the output.
+(KL to the float model 0.18 against 0.04 with every offset); dropped by KL, 0.09 there but +8.2% perplexity. Stands
+beside per-layer sensitivity scans (HAWQ's, quant.mixed's context term) measured directly on the output.
 """
 
 from __future__ import annotations
