@@ -223,9 +223,13 @@ def rtn_int4(fp32: Path, out: Path) -> Path:
     return out
 
 
-def genai_build(hf: Path, out: Path, work: Path, precision: str = "int4") -> Path | None:
+FUSED = ", fuse_mlp_gate_up"  # the builder's option fusing gate / up into one MatMulNBits + Split
+
+
+def genai_build(hf: Path, out: Path, work: Path, precision: str = "int4", fuse_gate_up: bool = False) -> Path | None:
     """onnxruntime-genai's model builder with its defaults (block 32, accuracy level 4, symmetric round-to-nearest)
-    on the fp32 folder, run by export.genai_graph.build (this Python, transformers 4.5x bridged)."""
+    on the fp32 folder, run by export.genai_graph.build (this Python, transformers 4.5x bridged); ``fuse_gate_up``:
+    its ``fuse_mlp_gate_up`` option, which ``export = "genai"`` recipes use."""
     from compress.core.errors import CompressError
     from export.genai_graph import build
 
@@ -233,7 +237,7 @@ def genai_build(hf: Path, out: Path, work: Path, precision: str = "int4") -> Pat
         return out
     t0 = time.perf_counter()
     try:
-        build(hf, out, 32, 4, work / "genai-cache", precision)
+        build(hf, out, 32, 4, work / "genai-cache", precision, fuse_gate_up)
     except (CompressError, ImportError) as e:
         log(f"genai builder ({precision}) skipped: {e}")
         return None
@@ -314,11 +318,12 @@ def main() -> None:
     fp32 = export_fp32(hf, a.work / "fp32")
     variants["fp32 (optimum export)"] = ("ort", fp32 / "model.onnx")
     genai_folders = {}  # variant label -> folder with a genai_config.json: timed with og.Generator too
-    for precision in ("int4", "int8"):
-        built = genai_build(hf, a.work / f"genai-{precision}", a.work, precision)
+    for precision, fuse in (("int4", False), ("int4", True), ("int8", False)):
+        label = f"onnxruntime-genai builder {precision}" + (FUSED if fuse else "")
+        built = genai_build(hf, a.work / f"genai-{precision}{'-fused' if fuse else ''}", a.work, precision, fuse)
         if built is not None:
-            genai_folders[f"onnxruntime-genai builder {precision}"] = built
-            variants[f"onnxruntime-genai builder {precision}"] = ("ort", built / "model.onnx")
+            genai_folders[label] = built
+            variants[label] = ("ort", built / "model.onnx")
     variants["ORT MatMulNBits RTN int4 (b32 sym, all MatMuls)"] = (
         "ort",
         rtn_int4(fp32, a.work / "rtn-int4") / "model.onnx",
@@ -400,16 +405,20 @@ def main() -> None:
         row.update(ttft_ms=round(ttft * 1e3, 1), decode_tok_s=round((NEW - 1) / dec, 2),
                    decode_vs_fp32=round((NEW - 1) / dec / base_tps, 2), ttft_vs_fp32=round(ttft / med[base][0], 2),
                    decode_tok_s_all=[round((NEW - 1) / s[1], 2) for s in samples[n]])  # fmt: skip
-    # decode speed against the builder's int4 model in the same runtime, paired per round (the median of each round's
-    # ratio: both ran in that round, a few seconds apart, so a slow stretch of the shared host hits both)
-    builder = "onnxruntime-genai builder int4"
-    for n in names:
-        ref = builder + (" (og.Generator)" if n.endswith(" (og.Generator)") else "")
-        if ref in samples and "llama.cpp" not in n:
-            ratios = [b[1] / s[1] for s, b in zip(samples[n], samples[ref])]
-            by_label[n]["decode_vs_builder_int4_paired"] = round(statistics.median(ratios), 3)
-            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-            by_label[n]["decode_vs_builder_int4_q25_q75"] = [round(q[0], 3), round(q[2], 3)]
+    # decode speed against the builder's int4 models (its defaults; with fuse_mlp_gate_up, as export = "genai" builds
+    # it) in the same runtime, paired per round (the median of each round's ratio: both ran in that round, a few
+    # seconds apart, so a slow stretch of the shared host hits both)
+    for key, builder in (
+        ("int4", "onnxruntime-genai builder int4"),
+        ("int4_fused", "onnxruntime-genai builder int4" + FUSED),
+    ):
+        for n in names:
+            ref = builder + (" (og.Generator)" if n.endswith(" (og.Generator)") else "")
+            if ref in samples and "llama.cpp" not in n:
+                ratios = [b[1] / s[1] for s, b in zip(samples[n], samples[ref])]
+                by_label[n][f"decode_vs_builder_{key}_paired"] = round(statistics.median(ratios), 3)
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                by_label[n][f"decode_vs_builder_{key}_q25_q75"] = [round(q[0], 3), round(q[2], 3)]
     for row in rows:
         kind = "og" if row["runtime"].startswith("onnxruntime-genai") else row["kind"]
         path = Path(row["path"]).parent if kind == "og" else Path(row["path"])
@@ -495,20 +504,24 @@ def table(out: dict) -> str:
         f"prompt, {out['new_tokens']} greedy tokens, medians; decode tok/s = the {out['new_tokens'] - 1} steps after the "
         "first token. Peak RSS: fresh process, load + one generation (VmHWM).",
         "",
-        "Decode vs builder int4: each round's ratio to the builder's int4 model in the same runtime, median (q25-q75).",
+        "Decode vs builder int4: each round's ratio to the builder's int4 model in the same runtime, median (q25-q75); "
+        'its defaults, and with its fuse_mlp_gate_up option (what export = "genai" recipes build on).',
         "",
         "| variant | runtime | perplexity | vs fp32 | KL | top-1 | MB | MB vs fp32 | TTFT ms | decode tok/s | decode vs fp32 "
-        "| decode vs builder int4 | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decode vs builder int4 | vs builder int4, gate/up fused | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def paired(r: dict, key: str) -> str:
+        q = r.get(f"decode_vs_builder_{key}_q25_q75")
+        return f"{r[f'decode_vs_builder_{key}_paired']} ({q[0]}-{q[1]})" if q else "n/a"
+
     for r in out["rows"]:
-        q = r.get("decode_vs_builder_int4_q25_q75")
-        vs_builder = f"{r['decode_vs_builder_int4_paired']} ({q[0]}-{q[1]})" if q else "n/a"
         lines.append(
             f"| {r['variant']} | {r.get('runtime', '')} | {r['ppl']:.2f} | {r['ppl_rise_percent']:+.1f}% | {r['kl']:.4f} | "
             f"{r['top1']:.3f} | {r['mb']:.1f} | {r['mb_vs_fp32']:.2f} | {r.get('ttft_ms', 'n/a')} | "
-            f"{r.get('decode_tok_s', 'n/a')} | {r.get('decode_vs_fp32', 'n/a')} | {vs_builder} | "
-            f"{r.get('peak_rss_mb') or 'n/a'} |"
+            f"{r.get('decode_tok_s', 'n/a')} | {r.get('decode_vs_fp32', 'n/a')} | {paired(r, 'int4')} | "
+            f"{paired(r, 'int4_fused')} | {r.get('peak_rss_mb') or 'n/a'} |"
         )
     for name, why in out.get("refused", {}).items():
         lines.append(f"| compress {name} | refused by the run | {why} |")

@@ -357,7 +357,7 @@ def genai_graph(lm: LoadedModel, tokenizer, work: Path, out: Path) -> tuple[Path
     fmt = next((f for n, f in lm.int4_layers.items() if ".layers." in n), None)
     block, level = (fmt.block_size, fmt.accuracy_level) if fmt else (32, 4)
     hf = save_plain(lm, tokenizer, work / "genai-hf")
-    built = build(hf, work / "genai-builder", block, level, work / "genai-cache")
+    built = build(hf, work / "genai-builder", block, level, work / "genai-cache", fuse_gate_up=True)
     metrics = graft(built, genai_weights(lm), out)
     return out, {
         "name": "export.genai_graph",

@@ -284,10 +284,17 @@ def test_int4_eora_in_the_genai_builder_graph_holds_the_same_numbers(tiny_lm, tm
     # the same stages in optimum's graph (the GPTQ head's own table written over ORT's re-rounding there too)
     optimum, _ = _run(q41, tmp_path / "optimum", "lm-int4-eora", "--set", "lm_head=int4", "--set", "method=gptq")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "genai" / "model.onnx")).graph.node}
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "GatherBlockQuantized"} <= ops
+    assert {
+        "GroupQueryAttention",
+        "SkipSimplifiedLayerNormalization",
+        "GatherBlockQuantized",
+        "Split",
+        "ReduceMean",
+    } <= ops
     graft = next(s for s in report["stages"] if s["name"] == "export.genai_graph")["metrics"]
-    # 2 x (qkv, o, gate, up, down) + head; every decoder MatMulNBits takes its exact offsets as extra K rows
-    assert graft["matmulnbits"] == 11 and graft["offsets_as_extra_k"] == 10 and graft["low_rank_branches"] == 0
+    # 2 x (qkv, o, gate_up, down) + head (gate and up packed by the builder's fuse_mlp_gate_up); every decoder
+    # MatMulNBits takes its exact offsets as extra K rows
+    assert graft["matmulnbits"] == 9 and graft["offsets_as_extra_k"] == 8 and graft["low_rank_branches"] == 0
     assert json.loads((tmp_path / "genai" / "genai_config.json").read_text())["model"]["type"] == "llama"
     # the same numbers in both graphs: next-token distributions agree far inside the recipe's own error
     chunks = token_chunks(AutoTokenizer.from_pretrained(q41), shipped_sentences()[:60], 2, 64)
@@ -353,9 +360,9 @@ def test_calibrated_eora_branches_survive_in_the_genai_graph(tiny_lm, tmp_path):
     pytest.importorskip("onnxruntime_genai")
     report, _ = _run(tiny_lm, tmp_path / "eora", "lm-int4-eora-genai", "--set", "rank=8")
     graft = next(s for s in report["stages"] if s["name"] == "export.genai_graph")["metrics"]
-    assert graft["low_rank_branches"] == 8 and graft["offsets_as_extra_k"] == 0  # qkv, gate, up, down x 2 blocks
+    assert graft["low_rank_branches"] == 6 and graft["offsets_as_extra_k"] == 0  # qkv, gate_up, down x 2 blocks
     names = [n.name for n in onnx.load(str(tmp_path / "eora" / "model.onnx")).graph.node]
-    assert sum(n.endswith("lowrank_B") for n in names) == 8
+    assert sum(n.endswith("lowrank_B") for n in names) == 6
     text = shipped_recipes()["lm-int4-eora-genai"].read_text()
     no_eora = tmp_path / "no-eora.toml"
     no_eora.write_text(text[: text.index('[[stages]]\ntype = "lowrank.eora"')])
@@ -374,10 +381,8 @@ def test_fast_genai_recipe_keeps_half_the_offsets_and_a_symmetric_head(tiny_lm, 
     stages = {s["name"]: s["metrics"] for s in report["stages"]}
     eora = stages["lowrank.eora"]
     assert len(eora["offset_groups"]) == 6 and eora["offset_groups_kept"] == 3
-    kept = [g["layers"] for g in eora["offset_groups"] if g["kept"]]
-    # a q/k/v group is one packed MatMulNBits in the builder's graph, gate and up two
-    nodes = sum(1 if any(n.endswith("q_proj") for n in g) else len(g) for g in kept)
-    assert stages["export.genai_graph"]["offsets_as_extra_k"] == nodes
+    # each group is one MatMulNBits in the builder's graph: packed q/k/v, packed gate/up, down
+    assert stages["export.genai_graph"]["offsets_as_extra_k"] == 3
     graph = onnx.load(str(tmp_path / "fast" / "model.onnx")).graph
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
     attrs = {a.name: a.i for a in head.attribute}
@@ -419,7 +424,7 @@ def test_int8_in_the_genai_graph_is_8bit_everywhere_and_inside_the_gate(tiny_lm,
         )
         assert prepare(RunConfig(model=str(tiny_lm), out=tmp_path / "default"))[0].recipe.name == "dynamic-int8"
     report, _ = _run(tiny_lm, tmp_path / "i8", "lm-int8-genai")
-    assert _nbits(tmp_path / "i8" / "model.onnx") == {8: 11}  # 2 x (qkv, o, gate, up, down) + head
+    assert _nbits(tmp_path / "i8" / "model.onnx") == {8: 9}  # 2 x (qkv, o, gate_up, down) + head
     assert _gathers(tmp_path / "i8" / "model.onnx") == [("GatherBlockQuantized", 8, False)]
     int4 = next(s for s in report["stages"] if s["name"] == "quant.int4")["metrics"]
     assert {r["bits"] for r in int4["per_layer"] if "layers." in r["layer"]} == {8}
@@ -475,7 +480,9 @@ def test_qwen2_and_mistral_default_is_the_genai_graph(tmp_path, arch):
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["name"] == "lm-int8-genai"
     assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == arch
-    assert _nbits(out / "model.onnx") == {8: 11} and abs(_eval(report, "ppl")["rise_percent"]) < 1
+    assert (
+        _nbits(out / "model.onnx") == {8: 9} and abs(_eval(report, "ppl")["rise_percent"]) < 1
+    )  # 2 x (qkv, o, gate_up, down) + head
     model = og.Model(str(out))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=10, do_sample=False)
