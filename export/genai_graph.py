@@ -1,15 +1,15 @@
 """A causal LM as onnxruntime-genai's model builder builds it, holding this tool's numbers.
 
-Stands beside ``onnxruntime_genai.models.builder`` (run in a child process, ``-p int4 -e cpu``), which writes the fused
-decoder graph (GroupQueryAttention over a shared KV buffer, SkipSimplifiedLayerNormalization, rotary embeddings, packed
-QKV MatMulNBits, here also packed gate/up: ``fuse_gate_up``) and its ``genai_config.json``. The builder rounds the float weights it is given itself; here every
-MatMulNBits then gets the tables the recipe chose for the same Linear (``NBits``: codes, scales and zero points exactly
-as ORT packs them, so the recipe's grid is kept bit for bit), exact block offsets (a GGUF Q4_1 source's) as extra K
-rows of the same MatMulNBits reading [x, block means of x], calibrated low-rank factors (``y += (x A^T) B^T``) as one
-thin float MatMul per distinct (input, A) plus an 8-bit MatMulNBits for B added to the output, and the LM head and
-token embedding table on the recipe's grid (or float). Everything else (norms,
-rotary caches, attention) is the builder's. Measured on smollm2 (README, Language models): the same weights decode
-~1.8x faster in this graph than in optimum's.
+Stands beside ``onnxruntime_genai.models.builder`` (run in a child process, ``-p int4 -e cpu``), which writes the
+fused decoder graph (GroupQueryAttention over a shared KV buffer, SkipSimplifiedLayerNormalization, rotary embeddings,
+packed QKV MatMulNBits, here also packed gate/up: ``fuse_gate_up``) and its ``genai_config.json``. The builder rounds
+the float weights it is given itself; here every MatMulNBits then gets the tables the recipe chose for the same Linear
+(``NBits``: codes, scales and zero points exactly as ORT packs them, so the recipe's grid is kept bit for bit), exact
+block offsets (a GGUF Q4_1 source's) as extra K rows of the same MatMulNBits reading [x, block means of x], calibrated
+low-rank factors (``y += (x A^T) B^T``) as one thin float MatMul per distinct (input, A) plus an 8-bit MatMulNBits for
+B added to the output, and the LM head and token embedding table on the recipe's grid (or float). Everything else
+(norms, rotary caches, attention) is the builder's. Measured on smollm2 (README, Language models): the same weights
+decode ~1.8x faster in this graph than in optimum's.
 
 The builder of onnxruntime-genai 0.18 is written against transformers 5; with transformers 4.5x two things differ and
 the child process bridges them (``_SHIM``): it imports vision-language classes 4.5x lacks (placeholders; a text
