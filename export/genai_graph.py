@@ -206,7 +206,6 @@ class _Graft:
         self.after: dict[str, list] = {}
         self.shared: dict[tuple, str] = {}  # (input tensor, what is computed from it) -> its output tensor
         self.consts: set[str] = set()  # constant initializers put once, read by many nodes
-        self.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         self.counts = {"matmulnbits": 0, "low_rank_branches": 0, "offsets_as_extra_k": 0}
 
     def put(self, name: str, arr) -> str:
@@ -254,7 +253,7 @@ class _Graft:
         if extended is not None:  # [x, block means] @ [W; block x offsets]: two small nodes per distinct input, shared
             k, bs = a.shape[0], table.block_size
             width = k + a.shape[1]
-            n.input[0] = self._once(n, (n.input[0], "block_means", width), lambda: self._block_means(n, k, width, bs))
+            n.input[0] = self._once(n, (n.input[0], "block_means", width), lambda: self._block_means(n, k, bs))
             next(at for at in n.attribute if at.name == "K").i = width
             table, factors = extended, []
             self.counts["offsets_as_extra_k"] += 1
@@ -270,7 +269,7 @@ class _Graft:
         if factors:
             self._branch(n, a, b, table.accuracy_level, prefix)
 
-    def _block_means(self, n, k: int, width: int, block: int) -> tuple[str, list]:
+    def _block_means(self, n, k: int, block: int) -> tuple[str, list]:
         """[x, its block means]: x viewed as (..., k / block, block) (a Reshape, no copy), a ReduceMean over the last
         axis and a Concat; the offsets rows carry the block size (``_offset_rows``). Of the forms tried on smollm2
         (an indicator MatMul, AveragePool, this), this one decodes fastest and costs the least time to first token
@@ -282,14 +281,10 @@ class _Graft:
         shape = self.const(
             f"genai_graft/block_view_{k // block}x{block}", np.array([0, 0, k // block, block], np.int64)
         )
-        if self.opset >= 18:  # axes as an input from opset 18 on (the builder writes 22)
-            mean = helper.make_node("ReduceMean", [blocks, self.const("genai_graft/last_axis", np.array([-1], np.int64))],
-                                    [means], name=f"{name}/block_means", keepdims=0)  # fmt: skip
-        else:
-            mean = helper.make_node("ReduceMean", [blocks], [means], name=f"{name}/block_means", axes=[-1], keepdims=0)
+        axis = self.const("genai_graft/last_axis", np.array([-1], np.int64))  # axes as an input: the builder's opset 22
         return joined, [
             helper.make_node("Reshape", [x, shape], [blocks], name=f"{name}/block_view"),
-            mean,
+            helper.make_node("ReduceMean", [blocks, axis], [means], name=f"{name}/block_means", keepdims=0),
             helper.make_node("Concat", [x, means], [joined], name=f"{name}/with_block_means", axis=-1),
         ]  # fmt: skip
 
